@@ -1,0 +1,357 @@
+"""`dpa3 bench`: how fast is energy + forces of the water example model, and how does it compare?
+
+The model is deepmd-kit's water recipe (spec §10.2: 6 layers, 128/64/32, float32) with random weights
+(seed 0); speed does not depend on the weights. The structures are frame 0 of the water dataset
+(192 atoms, 12.4 Å box) and its m×m×m supercells (192·m³ atoms; 1536 for m = 2).
+
+Every measurement runs in a fresh Python process, for two reasons: the peak memory of a process
+(`ru_maxrss`, the resident-set high-water mark, compilation included) is the honest number, and deepmd-kit's
+JAX backend switches JAX to float64 globally, which must not leak into our model.
+
+Reported per size: the first call (jit compilation + one run), the median of several warm calls, the
+peak memory, the FLOPs of the compiled graph (XLA cost analysis) and the fraction of this machine's float32
+matrix-multiply peak (measured in the same run) that the achieved FLOP rate reaches. If deepmd-kit is
+installed, the official implementation is timed on the same structure and config: its JAX backend
+(neighbour list in numpy on the host, then the jitted model for energy + forces), or, when that cannot run,
+its numpy backend, energy only. The output says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dpa3_ref.data import read_system
+from dpa3_ref.errors import Dpa3Error
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_WATER = REPO_ROOT.parent / "shared" / "data" / "water" / "data_0"
+WATER_FRAME_ATOMS = 192
+
+# The targets printed next to the results.
+TARGET_SECONDS_192 = 0.4  # warm energy + forces at 192 atoms
+TARGET_SCALING = 8.5  # time(1536) / time(192); linear scaling would be 8
+TARGET_PEAK_GIB_1536 = 2.0  # peak memory of the whole process at 1536 atoms
+
+WORKER_RESULT_PREFIX = "DPA3_BENCH_RESULT "  # marks the worker's JSON line on stdout
+GIB = 2**30
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", default="192,1536", help="atom counts to time, each 192·m³ (default: 192,1536)")
+    parser.add_argument("--repeats", type=int, default=5, help="warm calls per size; the median is reported")
+    parser.add_argument("--no-official", action="store_true", help="do not time deepmd-kit")
+    parser.add_argument(
+        "--official-sizes", default="192",
+        help="atom counts to time deepmd-kit at (default: 192; at 1536 it needs ~20 GiB and ~1 min per call)",
+    )
+    parser.add_argument("--official-timeout", type=float, default=900, help="seconds per official size (default 900)")
+    parser.add_argument("--system", type=Path, default=DEFAULT_WATER, help="deepmd/npy water system; frame 0 is used")
+    parser.add_argument("--json", type=Path, help="also write all results to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    sizes = _parse_sizes(args.sizes, "--sizes")
+    official_sizes = [] if args.no_official else _parse_sizes(args.official_sizes, "--official-sizes")
+    if args.repeats < 1:
+        raise Dpa3Error(f"--repeats must be at least 1, got {args.repeats}")
+    read_system(args.system)  # fail here, with the reader's message, rather than in every worker
+
+    results = {"matmul_peak": _in_subprocess("measure_matmul_peak", timeout=300)}
+    _print_header(results["matmul_peak"])
+    results["ours"] = [
+        _in_subprocess("measure_ours", timeout=1800, system=str(args.system), n_atoms=n, repeats=args.repeats)
+        for n in sizes
+    ]
+    _print_ours(results["ours"], results["matmul_peak"])
+    results["official"] = [
+        _in_subprocess("measure_official", timeout=args.official_timeout,
+                       system=str(args.system), n_atoms=n, repeats=args.repeats)
+        for n in official_sizes
+    ]
+    if results["official"]:
+        _print_official(results["official"], results["ours"])
+    results["targets"] = _check_targets(results["ours"])
+    _print_targets(results["targets"])
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+# ----------------------------------------------------------------------------------- structures
+def water_structure(system_path: str | Path, n_atoms: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Frame 0 of a water system repeated m×m×m times: coord [n, 3], element names [n], cell [3, 3]."""
+    frame = read_system(system_path)
+    coord, cell = frame.coord[0], frame.cell[0]  # [192, 3], [3, 3]
+    repeats = _supercell_repeats(n_atoms, frame.n_atoms)
+    shifts = np.array(np.meshgrid(*[np.arange(repeats)] * 3, indexing="ij")).reshape(3, -1).T @ cell  # [m³, 3]
+    supercell_coord = (shifts[:, None, :] + coord[None, :, :]).reshape(-1, 3)  # [m³·192, 3]
+    return supercell_coord, frame.atom_names * repeats**3, cell * repeats
+
+
+def _supercell_repeats(n_atoms: int, n_frame_atoms: int) -> int:
+    repeats = round((n_atoms / n_frame_atoms) ** (1 / 3))
+    if repeats < 1 or repeats**3 * n_frame_atoms != n_atoms:
+        raise Dpa3Error(f"{n_atoms} atoms is not a supercell of the {n_frame_atoms}-atom frame (need {n_frame_atoms}·m³)")
+    return repeats
+
+
+def _parse_sizes(text: str, option: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise Dpa3Error(f"{option} must be comma-separated atom counts, got {text!r}") from None
+    for n_atoms in sizes:
+        _supercell_repeats(n_atoms, WATER_FRAME_ATOMS)
+    return sizes
+
+
+# ----------------------------------------------------------------------------------- workers
+# Each runs in its own process (see `_in_subprocess`) and returns a JSON-serialisable dict.
+def measure_matmul_peak(size: int = 4096, repeats: int = 5) -> dict:
+    """The float32 matrix-multiply rate of this machine: best of `repeats` size×size products."""
+    import jax
+    import jax.numpy as jnp
+
+    a, b = (jax.random.normal(jax.random.key(seed), (size, size), jnp.float32) for seed in (0, 1))
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    best = min(_timed(lambda: matmul(a, b).block_until_ready()) for _ in range(repeats))
+    return {
+        "flops_per_s": 2 * size**3 / best,
+        "size": size,
+        "device": str(jax.devices()[0].device_kind),
+        "cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__,
+    }
+
+
+def measure_ours(system: str, n_atoms: int, repeats: int) -> dict:
+    """dpa3-ref's `Potential.evaluate` on the water example model: first call, warm median, memory, FLOPs."""
+    from dpa3_ref.config import water_example_config
+    from dpa3_ref.potential import Potential
+
+    coord, atom_names, cell = water_structure(system, n_atoms)
+    potential = Potential.init(water_example_config(), seed=0)
+    first_call_s = _timed(lambda: potential.evaluate(coord, atom_names, cell))
+    times_s = [_timed(lambda: potential.evaluate(coord, atom_names, cell)) for _ in range(repeats)]
+    result = {
+        "n_atoms": n_atoms,
+        "first_call_s": first_call_s,
+        "times_s": times_s,
+        "median_s": statistics.median(times_s),
+        "peak_rss_gib": _peak_rss_gib(),
+    }
+    if hasattr(potential, "cost_analysis"):
+        cost = potential.cost_analysis(coord, atom_names, cell)
+        result["flops"] = cost.get("flops")
+        result["bytes_accessed"] = cost.get("bytes accessed")
+    return result
+
+
+def measure_official(system: str, n_atoms: int, repeats: int) -> dict:
+    """deepmd-kit on the same config and structure: JAX backend if it runs here, else numpy (energy only)."""
+    import deepmd
+
+    from dpa3_ref.config import water_example_config
+
+    model_params = water_example_config().to_deepmd()
+    for section in ("descriptor", "fitting_net"):
+        model_params[section]["seed"] = 0
+    coord, atom_names, cell = water_structure(system, n_atoms)
+    try:
+        result = _official_jax(model_params, coord, atom_names, cell, repeats)
+    except Exception as error:  # any failure of the optional JAX backend: fall back, and say why
+        result = _official_numpy(model_params, coord, atom_names, cell, repeats)
+        result["why_not_jax"] = f"{type(error).__name__}: {error}"
+    result.update(n_atoms=n_atoms, deepmd_version=deepmd.__version__, peak_rss_gib=_peak_rss_gib())
+    return result
+
+
+def _official_jax(model_params: dict, coord, atom_names, cell, repeats: int) -> dict:
+    """deepmd.jax: host neighbour list (`prepare_input`, numpy) + the jitted lower model, energy + forces."""
+    from deepmd.dpmodel.model.transform_output import communicate_extended_output
+    from deepmd.jax.env import jax, nnx
+    from deepmd.jax.model.model import get_model
+    from deepmd.jax.train.trainer import prepare_input
+
+    model = get_model(model_params)
+    graphdef, state = nnx.split(model)  # plain jax.jit of a pure function: nnx.jit is ~2× slower here
+
+    def energy_forces(state, extended_coord, extended_atype, nlist, mapping):
+        model = nnx.merge(graphdef, state)
+        extended = model.call_common_lower(extended_coord, extended_atype, nlist, mapping, None, None)
+        local = communicate_extended_output(extended, model.model_output_def(), mapping, do_atomic_virial=False)
+        return local["energy_redu"], local["energy_derv_r"]  # [1, 1], [1, n, 1, 3]
+
+    types = np.array([model.get_type_map().index(name) for name in atom_names])[None]  # [1, n]
+
+    def neighbour_list():
+        return prepare_input(rcut=model.get_rcut(), sel=model.get_sel(), coord=coord[None], atype=types,
+                             box=cell[None])[:4]  # extended coord, extended types, nlist, mapping
+
+    graph = neighbour_list()
+    start = time.perf_counter()
+    compiled = jax.jit(energy_forces).lower(state, *graph).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+
+    def model_call(graph):
+        energy, forces = compiled(state, *graph)
+        forces.block_until_ready()
+
+    nlist_times, model_times = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        graph = neighbour_list()
+        nlist_times.append(time.perf_counter() - start)
+        model_times.append(_timed(lambda: model_call(graph)))
+    return {
+        "backend": "deepmd-kit JAX backend, energy + forces",
+        "compile_s": compile_s,
+        "nlist_median_s": statistics.median(nlist_times),
+        "model_median_s": statistics.median(model_times),
+        "median_s": statistics.median(n + m for n, m in zip(nlist_times, model_times)),
+        "flops": cost.get("flops"),
+        "bytes_accessed": cost.get("bytes accessed"),
+    }
+
+
+def _official_numpy(model_params: dict, coord, atom_names, cell, repeats: int) -> dict:
+    """deepmd.dpmodel (numpy reference backend): energy only, it has no autodiff for forces."""
+    from deepmd.dpmodel.model.model import get_model
+
+    model = get_model(model_params)
+    types = np.array([model.get_type_map().index(name) for name in atom_names])[None]  # [1, n]
+    times = [_timed(lambda: model.call(coord[None], types, box=cell.reshape(1, 9))) for _ in range(repeats)]
+    return {"backend": "deepmd-kit numpy backend, energy only", "median_s": statistics.median(times)}
+
+
+def _timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------------- processes
+def _in_subprocess(worker: str, timeout: float, **kwargs) -> dict:
+    """Run `worker(**kwargs)` of this module in a fresh Python; its dict, or {"error": why} if it failed."""
+    command = [sys.executable, "-m", "dpa3_ref.benchmark", worker, json.dumps(kwargs)]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    try:
+        finished = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
+    except subprocess.TimeoutExpired:
+        return {**kwargs, "error": f"timed out after {timeout:.0f} s"}
+    for line in finished.stdout.splitlines():
+        if line.startswith(WORKER_RESULT_PREFIX):
+            return json.loads(line[len(WORKER_RESULT_PREFIX):])
+    if finished.returncode == -9:
+        why = "killed by SIGKILL (out of memory?)"
+    else:
+        why = (finished.stderr.strip().splitlines() or [f"exit status {finished.returncode}"])[-1]
+    return {**kwargs, "error": why}
+
+
+def _worker_main(worker: str, kwargs_json: str) -> None:
+    workers = {"measure_matmul_peak": measure_matmul_peak, "measure_ours": measure_ours,
+               "measure_official": measure_official}
+    result = workers[worker](**json.loads(kwargs_json))
+    print(WORKER_RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------------- report
+def _print_header(peak: dict) -> None:
+    print("dpa3 bench: water example model (spec §10.2, float32, random weights), energy + forces")
+    if "error" in peak:
+        print(f"float32 matmul peak: not measured ({peak['error']})")
+        return
+    print(f"machine: {peak['cpu_count']} cores, {peak['device']}, jax {peak['jax_version']}; "
+          f"float32 matmul peak {peak['flops_per_s'] / 1e9:.0f} GFLOP/s ({peak['size']}², best of 5)")
+
+
+def _print_ours(ours: list[dict], peak: dict) -> None:
+    print("\ndpa3-ref  Potential.evaluate")
+    print(f"{'atoms':>6} {'first call':>11} {'median':>9} {'peak RSS':>9} {'GFLOP':>7} {'GFLOP/s':>8} {'of peak':>8}")
+    for result in ours:
+        if "error" in result:
+            print(f"{result['n_atoms']:>6}  not measured: {result['error']}")
+            continue
+        flops, median = result.get("flops"), result["median_s"]
+        rate = flops / median if flops else None
+        fraction = rate / peak["flops_per_s"] if rate and "flops_per_s" in peak else None
+        print(f"{result['n_atoms']:>6} {result['first_call_s']:>10.1f}s {median:>8.3f}s "
+              f"{result['peak_rss_gib']:>5.2f} GiB {_maybe(flops, 1e-9, '7.1f')} {_maybe(rate, 1e-9, '8.1f')} "
+              f"{_maybe(fraction, 100, '7.0f')}%")
+    print("  first call = jit compilation + one run; median over warm calls")
+
+
+def _print_official(official: list[dict], ours: list[dict]) -> None:
+    our_median = {r["n_atoms"]: r["median_s"] for r in ours if "error" not in r}
+    for result in official:
+        n_atoms = result["n_atoms"]
+        if "error" in result:
+            print(f"\nofficial deepmd-kit at {n_atoms} atoms: not measured: {result['error']}")
+            continue
+        print(f"\nofficial deepmd-kit {result['deepmd_version']}, {result['backend']}, {n_atoms} atoms "
+              f"(same config, its own random init)")
+        if "why_not_jax" in result:
+            print(f"  (JAX backend unavailable: {result['why_not_jax']})")
+        if "compile_s" in result:
+            print(f"  compile {result['compile_s']:.1f} s; warm median {result['median_s']:.3f} s = neighbour list "
+                  f"{result['nlist_median_s']:.3f} s (numpy) + model {result['model_median_s']:.3f} s; "
+                  f"{result['flops'] / 1e9:.1f} GFLOP, {result['bytes_accessed'] / 1e9:.1f} GB accessed")
+        else:
+            print(f"  warm median {result['median_s']:.3f} s")
+        print(f"  peak RSS {result['peak_rss_gib']:.2f} GiB")
+        if n_atoms in our_median:
+            print(f"  speed-up of dpa3-ref: {result['median_s'] / our_median[n_atoms]:.1f}× end to end"
+                  + (f", {result['model_median_s'] / our_median[n_atoms]:.1f}× against the official model call alone"
+                     if "model_median_s" in result else ""))
+
+
+def _check_targets(ours: list[dict]) -> list[dict]:
+    measured = {r["n_atoms"]: r for r in ours if "error" not in r}
+    targets = []
+    if 192 in measured:
+        value = measured[192]["median_s"]
+        targets.append({"target": f"<= {TARGET_SECONDS_192} s at 192 atoms", "value": f"{value:.3f} s",
+                        "pass": value <= TARGET_SECONDS_192})
+    if 192 in measured and 1536 in measured:
+        value = measured[1536]["median_s"] / measured[192]["median_s"]
+        targets.append({"target": f"<= {TARGET_SCALING}x from 192 to 1536 atoms", "value": f"{value:.2f}x",
+                        "pass": value <= TARGET_SCALING})
+    if 1536 in measured:
+        value = measured[1536]["peak_rss_gib"]
+        targets.append({"target": f"<= {TARGET_PEAK_GIB_1536} GiB peak at 1536 atoms", "value": f"{value:.2f} GiB",
+                        "pass": value <= TARGET_PEAK_GIB_1536})
+    return targets
+
+
+def _print_targets(targets: list[dict]) -> None:
+    print("\ntargets")
+    if not targets:
+        print("  none checked (no measurement at 192 or 1536 atoms)")
+    for target in targets:
+        print(f"  {'PASS' if target['pass'] else 'FAIL'}  {target['value']:>10}  {target['target']}")
+
+
+def _maybe(value: float | None, scale: float, spec: str) -> str:
+    width = int(spec.split(".")[0])
+    return f"{value * scale:{spec}}" if value is not None else f"{'-':>{width}}"
+
+
+if __name__ == "__main__":
+    _worker_main(*sys.argv[1:])

@@ -1,0 +1,80 @@
+"""The DPA3 energy model, and forces and virial by one gradient (spec §6.2, §7, docs/architecture.md §6).
+
+    E = Σ_i E_i,   E_i = fitting(descriptor(r))_i + out_bias[t_i]      (reduction in float64)
+
+The model is a function of the edge vectors r_e = x_j − x_i + shift_e only. With g_e = ∂E/∂r_e:
+
+    F_i = −∂E/∂x_i = Σ_{e: centre i} g_e − Σ_{e: neighbour i} g_e
+    W   = −Σ_e g_e ⊗ r_e        (W_kl = −Σ_e g_ek r_el; deepmd-kit's virial, eV, not divided by volume)
+
+which equals deepmd's Σ_a F_a ⊗ x_a over extended atoms and −(∂E/∂ε)ᵀ for a strain x → x(I + ε).
+Differentiating with respect to edge vectors (rather than positions and a strain) is what also works
+inside an exported ONNX graph (../shared/docs/onnx_export_notes.md).
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from dpa3_ref.config import DPA3Config
+from dpa3_ref.descriptor import DPA3Descriptor, init_descriptor
+from dpa3_ref.fitting import EnergyFitting, init_fitting
+from dpa3_ref.neighbors import Graph
+
+
+class DPA3Model(eqx.Module):
+    descriptor: DPA3Descriptor
+    fitting: EnergyFitting
+    out_bias: jax.Array  # [ntypes] float64, per-type energy offset fitted to the data (spec §6.3)
+    config: DPA3Config = eqx.field(static=True)
+
+    def atom_energies(self, edge_vectors: jax.Array, graph: Graph, case_embd: jax.Array | None = None) -> jax.Array:
+        """E_i of every atom, 0 for padding atoms."""  # [n_atoms] float64
+        descriptor = self.descriptor(edge_vectors, graph)  # [n_atoms, d]
+        energies = self.fitting(descriptor, graph.types, case_embd) + self.out_bias[jnp.maximum(graph.types, 0)]
+        return jnp.where(graph.types >= 0, energies, 0.0)
+
+
+def edge_vectors(graph: Graph) -> jax.Array:
+    """r_ij = x_j − x_i + shift for every edge."""  # [n_edge, 3]
+    return graph.positions[graph.edge_neighbor] - graph.positions[graph.edge_center] + graph.edge_shift
+
+
+def frame_energies(atom_energy: jax.Array, graph: Graph) -> jax.Array:
+    return jax.ops.segment_sum(atom_energy, graph.atom_frame, num_segments=graph.n_frames)  # [n_frames]
+
+
+def energy_forces_virial(model: DPA3Model, graph: Graph, case_embd: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Energy per frame, per-atom energy, forces and virial of a graph (jit-able, exportable)."""
+    vectors = edge_vectors(graph)
+
+    def total_energy(r):
+        atom_energy = model.atom_energies(r, graph, case_embd)
+        return jnp.sum(atom_energy), atom_energy
+
+    (_, atom_energy), g = jax.value_and_grad(total_energy, has_aux=True)(vectors)  # g: [n_edge, 3]
+    forces = jax.ops.segment_sum(g, graph.edge_center, graph.n_atoms) - jax.ops.segment_sum(
+        g, graph.edge_neighbor, graph.n_atoms
+    )  # [n_atoms, 3]
+    edge_virial = -(g[:, :, None] * vectors[:, None, :])  # [n_edge, 3, 3]
+    edge_frame = graph.atom_frame[graph.edge_center]
+    virial = jax.ops.segment_sum(edge_virial, edge_frame, num_segments=graph.n_frames)  # [n_frames, 3, 3]
+    return {
+        "energy": frame_energies(atom_energy, graph),
+        "atom_energy": atom_energy,
+        "forces": forces.astype(jnp.float64),
+        "virial": virial.astype(jnp.float64),
+    }
+
+
+def init_model(config: DPA3Config, *, key: jax.Array) -> DPA3Model:
+    """A randomly initialised model (deepmd-kit's initialisation, spec §9.4)."""
+    descriptor_key, fitting_key = jax.random.split(key)
+    return DPA3Model(
+        descriptor=init_descriptor(config, key=descriptor_key),
+        fitting=init_fitting(config, key=fitting_key),
+        out_bias=jnp.zeros(config.ntypes, jnp.float64),
+        config=config,
+    )

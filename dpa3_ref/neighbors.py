@@ -1,0 +1,210 @@
+"""Neighbour lists and the line-graph series (LiGS) that DPA3 computes on (spec §1, docs/architecture.md §1).
+
+    atoms  --(pairs within e_rcut)-->  edges  --(pairs of edges sharing a centre, within a_rcut)-->  angles
+
+For every atom i the neighbours j (all periodic images, from vesin's O(N) cell list) are sorted by
+distance, nearest first. DPA3's selection rule then keeps
+
+  * edges:  the first `e_sel` of that list (farther ones are silently dropped, as in deepmd-kit);
+  * angles: every ordered pair (j, k) of the first `a_sel` edges of i with r_ij < a_rcut, the diagonal
+    j = k included (deepmd-kit includes it, so must we).
+
+The result is a `Graph` of flat index arrays. Everything downstream is cell-free: an edge carries its
+periodic image shift, so periodic crystals, open clusters and host codes with ghost atoms look alike.
+Arrays are padded to a few bucket sizes so that `jit` compiles once per bucket, not once per frame;
+padded atoms have type -1 and padded edges/angles a False mask.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import equinox as eqx
+import jax
+import numpy as np
+import vesin
+
+from dpa3_ref.config import DPA3Config
+from dpa3_ref.errors import Dpa3Error
+
+MIN_DISTANCE = 1e-4  # Å; closer pairs are "two atoms at the same position"
+
+
+class Graph(eqx.Module):
+    """Atoms, edges and angles of one or more frames. r_ij = positions[j] - positions[i] + edge_shift."""
+
+    positions: jax.Array  # [n_atoms, 3] Cartesian, Å
+    types: jax.Array  # [n_atoms] int, model type index; -1 = padding atom
+    atom_frame: jax.Array  # [n_atoms] int, frame of each atom
+    edge_center: jax.Array  # [n_edges] int, i
+    edge_neighbor: jax.Array  # [n_edges] int, j (the atom whose image is the neighbour)
+    edge_shift: jax.Array  # [n_edges, 3] Cartesian image shift (shift_integers @ cell)
+    edge_slot: jax.Array  # [n_edges] int, rank of j in i's distance-sorted list (indexes davg/dstd)
+    edge_mask: jax.Array  # [n_edges] bool, real edge
+    edge_in_angle: jax.Array  # [n_edges] bool, j is one of i's angle neighbours
+    angle_ij: jax.Array  # [n_angles] int, edge index of (i, j)
+    angle_ik: jax.Array  # [n_angles] int, edge index of (i, k)
+    angle_mask: jax.Array  # [n_angles] bool, real angle
+    n_frames: int = eqx.field(static=True, default=1)
+
+    @property
+    def n_atoms(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def n_edges(self) -> int:
+        return self.edge_center.shape[0]
+
+    @property
+    def n_angles(self) -> int:
+        return self.angle_ij.shape[0]
+
+
+def check_structure(positions: np.ndarray, types: np.ndarray, cell: np.ndarray | None, ntypes: int) -> None:
+    """Raise a Dpa3Error naming the problem if a structure cannot be evaluated."""
+    if positions.ndim != 2 or positions.shape[1] != 3:
+        raise Dpa3Error(f"coordinates must have shape [n_atoms, 3], got {positions.shape}")
+    if positions.shape[0] == 0:
+        raise Dpa3Error("the structure has no atoms")
+    if types.shape != (positions.shape[0],):
+        raise Dpa3Error(f"{types.shape[0] if types.ndim else 0} types given for {positions.shape[0]} atoms")
+    bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
+    if bad.size:
+        raise Dpa3Error(f"coordinates of atom {bad[0]} are not finite: {positions[bad[0]]}")
+    bad = np.flatnonzero((types < 0) | (types >= ntypes))
+    if bad.size:
+        raise Dpa3Error(f"atom {bad[0]} has type index {types[bad[0]]}, the model has types 0..{ntypes - 1}")
+    if cell is not None:
+        if cell.shape != (3, 3):
+            raise Dpa3Error(f"cell must have shape [3, 3] (rows are lattice vectors), got {cell.shape}")
+        if not np.isfinite(cell).all():
+            raise Dpa3Error(f"cell is not finite: {cell.tolist()}")
+        volume = abs(np.linalg.det(cell))
+        if volume < 1e-6 * max(1.0, np.abs(cell).max()) ** 3:
+            raise Dpa3Error(f"cell is singular (volume {volume:.3g} Å^3): {cell.tolist()}")
+
+
+def neighbor_pairs(positions: np.ndarray, cell: np.ndarray | None, cutoff: float):
+    """All (i, j, integer image shift, distance) with |x_j + S cell - x_i| <= cutoff, i != j or S != 0."""
+    if cell is None:
+        # vesin wants a box even for open boundaries; it is ignored when periodic=False.
+        box, periodic = np.zeros((3, 3)), False
+    else:
+        box, periodic = np.asarray(cell, dtype=np.float64), True
+    calculator = vesin.NeighborList(cutoff=cutoff, full_list=True)
+    i, j, shifts, distances = calculator.compute(positions, box, periodic, quantities="ijSd")
+    return i.astype(np.int64), j.astype(np.int64), shifts.astype(np.float64), distances
+
+
+def build_graph(
+    positions: np.ndarray,
+    types: np.ndarray,
+    cell: np.ndarray | None,
+    config: DPA3Config,
+    *,
+    pad: bool = True,
+) -> Graph:
+    """The DPA3 graph of one frame (numpy, on the host). `types` are model type indices."""
+    positions = np.asarray(positions, dtype=np.float64)
+    types = np.asarray(types)
+    cell = None if cell is None else np.asarray(cell, dtype=np.float64)
+    check_structure(positions, types, cell, config.ntypes)
+    n_atoms = positions.shape[0]
+
+    center, neighbor, image, distance = neighbor_pairs(positions, cell, config.e_rcut)
+    keep = distance <= config.e_rcut
+    if config.exclude_types:
+        excluded = {tuple(p) for p in config.exclude_types} | {tuple(p[::-1]) for p in config.exclude_types}
+        pair_types = zip(types[center].tolist(), types[neighbor].tolist(), strict=True)
+        keep &= ~np.fromiter((p in excluded for p in pair_types), bool, count=center.size)
+    center, neighbor, image, distance = center[keep], neighbor[keep], image[keep], distance[keep]
+    if distance.size and distance.min() < MIN_DISTANCE:
+        k = int(np.argmin(distance))
+        raise Dpa3Error(
+            f"atoms {center[k]} and {neighbor[k]} are at the same position (distance {distance[k]:.2e} Å)"
+        )
+
+    # Nearest first within each centre (stable, so ties keep vesin's order), then DPA3's selection.
+    order = np.lexsort((distance, center))
+    center, neighbor, image, distance = center[order], neighbor[order], image[order], distance[order]
+    first_edge_of = np.searchsorted(center, np.arange(n_atoms))
+    slot = np.arange(center.size) - first_edge_of[center]  # rank of the edge in its centre's list
+    selected = slot < config.e_sel
+    if not selected.all():
+        warnings.warn(
+            f"an atom has {slot.max() + 1} neighbours within e_rcut={config.e_rcut} Å but e_sel={config.e_sel}: "
+            "the farthest are dropped (as deepmd-kit does) and the model is not smooth there",
+            stacklevel=2,
+        )
+    center, neighbor, image, distance, slot = (a[selected] for a in (center, neighbor, image, distance, slot))
+    in_angle = (slot < config.a_sel) & (distance < config.a_rcut)
+    angle_ij, angle_ik = _angle_pairs(center, in_angle, n_atoms)
+
+    shift = image @ cell if cell is not None else np.zeros((center.size, 3))
+    graph = Graph(
+        positions=positions,
+        types=types.astype(np.int32),
+        atom_frame=np.zeros(n_atoms, np.int32),
+        edge_center=center.astype(np.int32),
+        edge_neighbor=neighbor.astype(np.int32),
+        edge_shift=shift,
+        edge_slot=slot.astype(np.int32),
+        edge_mask=np.ones(center.size, bool),
+        edge_in_angle=in_angle,
+        angle_ij=angle_ij.astype(np.int32),
+        angle_ik=angle_ik.astype(np.int32),
+        angle_mask=np.ones(angle_ij.size, bool),
+    )
+    if pad:
+        graph = pad_graph(graph, bucket_size(n_atoms), bucket_size(graph.n_edges), bucket_size(graph.n_angles))
+    return graph
+
+
+def _angle_pairs(center: np.ndarray, in_angle: np.ndarray, n_atoms: int) -> tuple[np.ndarray, np.ndarray]:
+    """All ordered pairs (edge ij, edge ik) of angle edges with the same centre, j = k included."""
+    angle_edges = np.flatnonzero(in_angle)  # sorted by centre, nearest first
+    count = np.bincount(center[angle_edges], minlength=n_atoms)  # angle neighbours per atom
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])  # offset of each atom's block in angle_edges
+    pairs_per_atom = count**2
+    atom_of_pair = np.repeat(np.arange(n_atoms), pairs_per_atom)
+    pair_start = np.concatenate([[0], np.cumsum(pairs_per_atom)[:-1]])
+    rank = np.arange(pairs_per_atom.sum()) - pair_start[atom_of_pair]  # index inside the atom's c×c block
+    c = count[atom_of_pair]
+    j_rank, k_rank = rank // np.maximum(c, 1), rank % np.maximum(c, 1)
+    offset = start[atom_of_pair]
+    return angle_edges[offset + j_rank], angle_edges[offset + k_rank]
+
+
+def bucket_size(n: int, minimum: int = 8) -> int:
+    """Round n up to one of a few sizes (at most 12.5 % padding) so jit sees few distinct shapes."""
+    n = max(n, minimum)
+    step = 2 ** max(0, int(math.floor(math.log2(n))) - 3)
+    return -(-n // step) * step
+
+
+def pad_graph(graph: Graph, n_atoms: int, n_edges: int, n_angles: int) -> Graph:
+    """Pad to the given sizes: padding atoms have type -1, padding edges/angles point at index 0, masked."""
+
+    def pad(array, size, value=0):
+        array = np.asarray(array)
+        extra = size - array.shape[0]
+        if extra < 0:
+            raise ValueError(f"cannot pad {array.shape[0]} entries to {size}")
+        return np.concatenate([array, np.full((extra, *array.shape[1:]), value, dtype=array.dtype)])
+
+    return Graph(
+        positions=pad(graph.positions, n_atoms),
+        types=pad(graph.types, n_atoms, -1),
+        atom_frame=pad(graph.atom_frame, n_atoms),
+        edge_center=pad(graph.edge_center, n_edges),
+        edge_neighbor=pad(graph.edge_neighbor, n_edges),
+        edge_shift=pad(graph.edge_shift, n_edges),
+        edge_slot=pad(graph.edge_slot, n_edges),
+        edge_mask=pad(graph.edge_mask, n_edges, False),
+        edge_in_angle=pad(graph.edge_in_angle, n_edges, False),
+        angle_ij=pad(graph.angle_ij, n_angles),
+        angle_ik=pad(graph.angle_ik, n_angles),
+        angle_mask=pad(graph.angle_mask, n_angles, False),
+        n_frames=graph.n_frames,
+    )
