@@ -10,5 +10,6 @@ jax.config.update("jax_enable_x64", True)
 
 from dpa3_ref.config import DPA3Config, water_example_config  # noqa: E402
 from dpa3_ref.errors import Dpa3Error  # noqa: E402
+from dpa3_ref.potential import Potential, load  # noqa: E402
 
-__all__ = ["DPA3Config", "Dpa3Error", "water_example_config"]
+__all__ = ["DPA3Config", "Dpa3Error", "Potential", "load", "water_example_config"]

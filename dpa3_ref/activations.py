@@ -7,6 +7,11 @@ shifted tanh above it, glued so that value and first derivative are continuous a
     phi(x) = tanh(k (x - T)) + c    for x >= T,   c = silu(T),  k = silu'(T) = σ(T) + T σ(T)(1 - σ(T))
 
 so phi is bounded above by c + 1, which keeps deep message passing from blowing up.
+
+SiLU and SiLUT carry their derivative explicitly (`jax.custom_jvp`): left to autodiff, the backward pass
+would keep σ(x), tanh(·) and the branch mask of every angle feature in memory; with the rule it keeps x
+only and recomputes φ'(x) in one fused loop. The rule is itself differentiable, so second derivatives
+(training on forces) work.
 """
 
 from __future__ import annotations
@@ -30,12 +35,35 @@ def silut_constants(threshold: float) -> tuple[float, float]:
     return slope, offset
 
 
+@jax.custom_jvp
+def silu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(x)
+
+
+@silu.defjvp
+def _silu_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    sigma = jax.nn.sigmoid(x)
+    return x * sigma, dx * sigma * (1.0 + x * (1.0 - sigma))
+
+
 def silut(threshold: float) -> Activation:
     slope, offset = silut_constants(threshold)
 
+    @jax.custom_jvp
     def phi(x: jax.Array) -> jax.Array:
         # Both branches are finite everywhere, so `where` is safe under grad.
-        return jnp.where(x < threshold, jax.nn.silu(x), jnp.tanh(slope * (x - threshold)) + offset)
+        return jnp.where(x < threshold, x * jax.nn.sigmoid(x), jnp.tanh(slope * (x - threshold)) + offset)
+
+    @phi.defjvp
+    def _phi_jvp(primals, tangents):
+        (x,), (dx,) = primals, tangents
+        sigma = jax.nn.sigmoid(x)
+        below = x < threshold
+        tail = jnp.tanh(slope * (x - threshold))
+        value = jnp.where(below, x * sigma, tail + offset)
+        derivative = jnp.where(below, sigma * (1.0 + x * (1.0 - sigma)), slope * (1.0 - tail * tail))
+        return value, dx * derivative
 
     return phi
 
@@ -52,7 +80,7 @@ _SIMPLE: dict[str, Activation] = {
     "relu6": lambda x: jnp.clip(x, 0.0, 6.0),
     "softplus": jax.nn.softplus,
     "sigmoid": jax.nn.sigmoid,
-    "silu": jax.nn.silu,
+    "silu": silu,
     "linear": lambda x: x,
     "none": lambda x: x,
 }

@@ -54,7 +54,7 @@ class DPA3Descriptor(eqx.Module):
         edge = self.edge_embedding(edge_input)  # [n_edge, e]
         if not cfg.edge_init_use_dist:
             edge = act(edge)
-        angle = self.angle_embedding(angle_input)  # [n_angle, a]
+        angle = self.angle_embedding(angle_input)  # [n_atoms, K, K, a]
         for layer in self.layers:
             node, edge, angle = layer(node, edge, angle, line_graph)
         return jnp.concatenate([node, tebd], axis=-1) if cfg.concat_output_tebd else node
@@ -73,10 +73,11 @@ class DPA3Descriptor(eqx.Module):
         environment = (environment - self.davg[center_type, graph.edge_slot]) / self.dstd[center_type, graph.edge_slot]
 
         in_angle = graph.edge_in_angle & mask
-        angle_switch = switch(length, cfg.a_rcut_smth, cfg.a_rcut, cfg.use_exp_switch) * in_angle  # [n_edge]
-        unit = vectors / (length + 1e-6)[:, None] * in_angle[:, None]  # [n_edge, 3]
-        angle_input = cosine_input(unit[graph.angle_ij], unit[graph.angle_ik])  # [n_angle, 1]
-        angle_weight = angle_switch[graph.angle_ij] * angle_switch[graph.angle_ik] * graph.angle_mask
+        angle_mask = graph.angle_mask  # [n_atoms, K]
+        angle_switch = switch(length, cfg.a_rcut_smth, cfg.a_rcut, cfg.use_exp_switch)[graph.angle_edge] * angle_mask
+        unit = vectors / (length + 1e-6)[:, None]  # [n_edge, 3]
+        unit_block = unit[graph.angle_edge] * angle_mask[..., None]  # [n_atoms, K, 3]
+        angle_input = cosine_input(unit_block)  # [n_atoms, K, K, 1]
 
         edge_input = (length * mask)[:, None] if cfg.edge_init_use_dist else environment[:, :1]  # [n_edge, 1]
         line_graph = LineGraph(
@@ -86,9 +87,8 @@ class DPA3Descriptor(eqx.Module):
             edge_in_angle=in_angle,
             edge_switch=edge_switch,
             edge_h=environment[:, 1:],
-            angle_ij=graph.angle_ij,
-            angle_ik=graph.angle_ik,
-            angle_weight=angle_weight,
+            angle_edge=graph.angle_edge,
+            angle_switch=angle_switch,
         )
         return line_graph, edge_input, angle_input
 

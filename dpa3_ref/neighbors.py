@@ -9,10 +9,14 @@ distance, nearest first. DPA3's selection rule then keeps
   * angles: every ordered pair (j, k) of the first `a_sel` edges of i with r_ij < a_rcut, the diagonal
     j = k included (deepmd-kit includes it, so must we).
 
-The result is a `Graph` of flat index arrays. Everything downstream is cell-free: an edge carries its
-periodic image shift, so periodic crystals, open clusters and host codes with ghost atoms look alike.
-Arrays are padded to a few bucket sizes so that `jit` compiles once per bucket, not once per frame;
-padded atoms have type -1 and padded edges/angles a False mask.
+The result is a `Graph`: edges as flat index arrays, and the angle neighbours of each atom as a small
+table `angle_edge[i, :]` of edge indices, so that the angles of atom i are the K × K block
+(angle_edge[i, j], angle_edge[i, k]). The block layout turns the per-angle gathers and scatters (slow,
+and most of the work: angles outnumber edges ~8:1) into broadcasts and sums over an axis.
+Everything downstream is cell-free: an edge carries its periodic image shift, so periodic crystals,
+open clusters and host codes with ghost atoms look alike. Arrays are padded to a few bucket sizes so
+that `jit` compiles once per bucket, not once per frame; padded atoms have type -1 and padded edges
+and angle slots a False mask.
 """
 
 from __future__ import annotations
@@ -43,9 +47,8 @@ class Graph(eqx.Module):
     edge_slot: jax.Array  # [n_edges] int, rank of j in i's distance-sorted list (indexes davg/dstd)
     edge_mask: jax.Array  # [n_edges] bool, real edge
     edge_in_angle: jax.Array  # [n_edges] bool, j is one of i's angle neighbours
-    angle_ij: jax.Array  # [n_angles] int, edge index of (i, j)
-    angle_ik: jax.Array  # [n_angles] int, edge index of (i, k)
-    angle_mask: jax.Array  # [n_angles] bool, real angle
+    angle_edge: jax.Array  # [n_atoms, K] int, edge index of i's k-th angle neighbour (0 on padding)
+    angle_mask: jax.Array  # [n_atoms, K] bool, real angle neighbour
     n_frames: int = eqx.field(static=True, default=1)
 
     @property
@@ -57,8 +60,8 @@ class Graph(eqx.Module):
         return self.edge_center.shape[0]
 
     @property
-    def n_angles(self) -> int:
-        return self.angle_ij.shape[0]
+    def max_angle_neighbors(self) -> int:
+        return self.angle_edge.shape[1]
 
 
 def check_structure(positions: np.ndarray, types: np.ndarray, cell: np.ndarray | None, ntypes: int) -> None:
@@ -139,7 +142,7 @@ def build_graph(
         )
     center, neighbor, image, distance, slot = (a[selected] for a in (center, neighbor, image, distance, slot))
     in_angle = (slot < config.a_sel) & (distance < config.a_rcut)
-    angle_ij, angle_ik = _angle_pairs(center, in_angle, n_atoms)
+    angle_edge, angle_mask = _angle_table(center, in_angle, n_atoms)
 
     shift = image @ cell if cell is not None else np.zeros((center.size, 3))
     graph = Graph(
@@ -152,28 +155,27 @@ def build_graph(
         edge_slot=slot.astype(np.int32),
         edge_mask=np.ones(center.size, bool),
         edge_in_angle=in_angle,
-        angle_ij=angle_ij.astype(np.int32),
-        angle_ik=angle_ik.astype(np.int32),
-        angle_mask=np.ones(angle_ij.size, bool),
+        angle_edge=angle_edge,
+        angle_mask=angle_mask,
     )
     if pad:
-        graph = pad_graph(graph, bucket_size(n_atoms), bucket_size(graph.n_edges), bucket_size(graph.n_angles))
+        graph = pad_graph(graph, bucket_size(n_atoms), bucket_size(graph.n_edges),
+                          min(-(-graph.max_angle_neighbors // 4) * 4, config.a_sel))
     return graph
 
 
-def _angle_pairs(center: np.ndarray, in_angle: np.ndarray, n_atoms: int) -> tuple[np.ndarray, np.ndarray]:
-    """All ordered pairs (edge ij, edge ik) of angle edges with the same centre, j = k included."""
+def _angle_table(center: np.ndarray, in_angle: np.ndarray, n_atoms: int) -> tuple[np.ndarray, np.ndarray]:
+    """Edge indices of each atom's angle neighbours, nearest first: [n_atoms, K] and its mask."""
     angle_edges = np.flatnonzero(in_angle)  # sorted by centre, nearest first
-    count = np.bincount(center[angle_edges], minlength=n_atoms)  # angle neighbours per atom
-    start = np.concatenate([[0], np.cumsum(count)[:-1]])  # offset of each atom's block in angle_edges
-    pairs_per_atom = count**2
-    atom_of_pair = np.repeat(np.arange(n_atoms), pairs_per_atom)
-    pair_start = np.concatenate([[0], np.cumsum(pairs_per_atom)[:-1]])
-    rank = np.arange(pairs_per_atom.sum()) - pair_start[atom_of_pair]  # index inside the atom's c×c block
-    c = count[atom_of_pair]
-    j_rank, k_rank = rank // np.maximum(c, 1), rank % np.maximum(c, 1)
-    offset = start[atom_of_pair]
-    return angle_edges[offset + j_rank], angle_edges[offset + k_rank]
+    owner = center[angle_edges]
+    count = np.bincount(owner, minlength=n_atoms)
+    width = max(1, int(count.max(initial=0)))
+    rank = np.arange(angle_edges.size) - np.searchsorted(owner, owner)  # position within the owner's list
+    table = np.zeros((n_atoms, width), np.int32)
+    mask = np.zeros((n_atoms, width), bool)
+    table[owner, rank] = angle_edges
+    mask[owner, rank] = True
+    return table, mask
 
 
 def bucket_size(n: int, minimum: int = 8) -> int:
@@ -183,15 +185,20 @@ def bucket_size(n: int, minimum: int = 8) -> int:
     return -(-n // step) * step
 
 
-def pad_graph(graph: Graph, n_atoms: int, n_edges: int, n_angles: int) -> Graph:
+def pad_graph(graph: Graph, n_atoms: int, n_edges: int, max_angle_neighbors: int) -> Graph:
     """Pad to the given sizes: padding atoms have type -1, padding edges/angles point at index 0, masked."""
 
-    def pad(array, size, value=0):
+    def pad(array, size, value=0, axis=0):
         array = np.asarray(array)
-        extra = size - array.shape[0]
+        extra = size - array.shape[axis]
         if extra < 0:
-            raise ValueError(f"cannot pad {array.shape[0]} entries to {size}")
-        return np.concatenate([array, np.full((extra, *array.shape[1:]), value, dtype=array.dtype)])
+            raise ValueError(f"cannot pad {array.shape[axis]} entries to {size}")
+        widths = [(0, 0)] * array.ndim
+        widths[axis] = (0, extra)
+        return np.pad(array, widths, constant_values=value)
+
+    angle_edge = pad(pad(graph.angle_edge, max_angle_neighbors, axis=1), n_atoms)
+    angle_mask = pad(pad(graph.angle_mask, max_angle_neighbors, False, axis=1), n_atoms, False)
 
     return Graph(
         positions=pad(graph.positions, n_atoms),
@@ -203,8 +210,7 @@ def pad_graph(graph: Graph, n_atoms: int, n_edges: int, n_angles: int) -> Graph:
         edge_slot=pad(graph.edge_slot, n_edges),
         edge_mask=pad(graph.edge_mask, n_edges, False),
         edge_in_angle=pad(graph.edge_in_angle, n_edges, False),
-        angle_ij=pad(graph.angle_ij, n_angles),
-        angle_ik=pad(graph.angle_ik, n_angles),
-        angle_mask=pad(graph.angle_mask, n_angles, False),
+        angle_edge=angle_edge,
+        angle_mask=angle_mask,
         n_frames=graph.n_frames,
     )

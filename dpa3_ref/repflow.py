@@ -19,8 +19,9 @@ normalisation constants (capacities e_sel, a_sel; divided by sel_reduce_factor i
   residual update        x' = x + Σ_k r_k ⊙ x_k   (res_residual; res_avg and res_incr use fixed weights)
 
 Every linear layer on a concatenation is applied block by block (x_cat W = Σ_b x_b W_b, spec §5.6): the
-node blocks act once per atom and are gathered to edges, the edge blocks once per edge and gathered to
-angles, so only the a_dim-wide block is multiplied per angle.
+node blocks act once per atom and are gathered to edges, the edge blocks once per edge and broadcast to
+angles, so only the a_dim-wide block is multiplied per angle. Angles live in per-atom K × K blocks
+([n_atoms, K, K, ·], j = axis 1, k = axis 2; see neighbors.py), so the sum over k is a sum over an axis.
 """
 
 from __future__ import annotations
@@ -46,9 +47,8 @@ class LineGraph(NamedTuple):
     edge_in_angle: jax.Array  # [n_edge] bool
     edge_switch: jax.Array  # [n_edge] s_ij (0 on padding)
     edge_h: jax.Array  # [n_edge, 3] h_ij
-    angle_ij: jax.Array  # [n_angle] edge (i, j)
-    angle_ik: jax.Array  # [n_angle] edge (i, k)
-    angle_weight: jax.Array  # [n_angle] s^a_ij s^a_ik (0 on padding)
+    angle_edge: jax.Array  # [n_atoms, K] edge index of i's k-th angle neighbour
+    angle_switch: jax.Array  # [n_atoms, K] s^a_ij of that edge (0 on padding)
 
 
 def segment_sum(values: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
@@ -146,22 +146,25 @@ class RepFlowLayer(eqx.Module):
         return self.angle_compress_node(node), self.angle_compress_edge(edge)
 
     def angle_linear(self, layer: Layer, angle, node_for_angle, edge_for_angle, graph: LineGraph) -> jax.Array:
-        """Lin(z_ijk) with z_ijk = [a_ijk; ñ_i; ẽ_ik; ẽ_ij], block by block."""  # [n_angle, n_out]
+        """Lin(z_ijk) with z_ijk = [a_ijk; ñ_i; ẽ_ik; ẽ_ij], block by block."""  # [n_atoms, K, K, n_out]
         cfg = self.config
         w_angle, w_node, w_edge_k, w_edge_j = split_rows(
             layer, [cfg.a_dim, cfg.angle_node_dim, cfg.angle_edge_dim, cfg.angle_edge_dim]
         )
-        # Terms indexed by the edge (i, j) are summed per edge first: i is the centre of edge ij.
-        per_edge_j = (node_for_angle @ w_node)[graph.edge_center] + edge_for_angle @ w_edge_j + layer.bias  # [n_edge, n_out]
-        per_edge_k = edge_for_angle @ w_edge_k  # [n_edge, n_out]
-        return angle @ w_angle + per_edge_j[graph.angle_ij] + per_edge_k[graph.angle_ik]
+        edge_block = edge_for_angle[graph.angle_edge]  # [n_atoms, K, |ẽ|]
+        per_j = (node_for_angle @ w_node)[:, None, :] + edge_block @ w_edge_j + layer.bias  # [n_atoms, K, n_out]
+        per_k = edge_block @ w_edge_k  # [n_atoms, K, n_out]
+        return angle @ w_angle + per_j[:, :, None, :] + per_k[:, None, :, :]
 
     def angle_to_edge(self, angle, node_for_angle, edge_for_angle, edge, graph: LineGraph) -> jax.Array:
         """(E2) w2_ij: reduce the angle messages of edge ij over k."""  # [n_edge, e]
         cfg, act = self.config, get_activation(self.config.activation_function)
         message = act(self.angle_linear(self.edge_angle_1, angle, node_for_angle, edge_for_angle, graph))
-        message = message * graph.angle_weight[:, None]  # [n_angle, e]
-        reduced = segment_sum(message, graph.angle_ij, edge.shape[0]) / math.sqrt(cfg.angle_norm)  # [n_edge, e]
+        weight = graph.angle_switch[:, :, None] * graph.angle_switch[:, None, :]  # [n_atoms, K, K]
+        reduced = jnp.sum(message * weight[..., None], axis=2) / math.sqrt(cfg.angle_norm)  # [n_atoms, K, e]
+        reduced = segment_sum(  # back from the angle table to the edge list: [n_edge, e]
+            reduced.reshape(-1, reduced.shape[-1]), graph.angle_edge.reshape(-1), edge.shape[0]
+        )
         if not cfg.smooth_edge_update:  # legacy "self padding": edges off the angle list see themselves
             reduced = jnp.where(graph.edge_in_angle[:, None], reduced, edge)
         return act(self.edge_angle_2(reduced))

@@ -41,7 +41,7 @@ def switch(r: jax.Array, r_smooth: float, r_cut: float, use_exp_switch: bool) ->
     return (exponential_switch if use_exp_switch else polynomial_switch)(r, r_smooth, r_cut)
 
 
-def cosine_input(unit_ij: jax.Array, unit_ik: jax.Array) -> jax.Array:
-    """x^a_ijk for each angle: the scaled cosine between its two edges."""  # [n_angle, 1]
-    cosine = jnp.sum(unit_ij * unit_ik, axis=-1, keepdims=True) * (1.0 - 1e-6)
-    return cosine / math.sqrt(math.pi)
+def cosine_input(unit_block: jax.Array) -> jax.Array:
+    """x^a_ijk for every angle of every atom from the unit vectors u_ij [n_atoms, K, 3]."""  # [n_atoms, K, K, 1]
+    cosine = jnp.matmul(unit_block, jnp.swapaxes(unit_block, 1, 2)) * (1.0 - 1e-6)
+    return cosine[..., None] / math.sqrt(math.pi)

@@ -1,0 +1,111 @@
+"""The user-facing API: load a model, evaluate structures, get numpy arrays back.
+
+    potential = dpa3_ref.load("model.dp")            # official .dp/.yaml or our own .npz checkpoint
+    out = potential.evaluate(coord, ["O", "H", "H"], cell)   # cell=None: open boundaries
+    out["energy"], out["atom_energy"], out["forces"], out["virial"]
+
+Inputs are checked here, at the boundary, with messages that name the atom or array at fault. The
+neighbour list is built on the host (numpy/vesin); the model runs as one compiled XLA function per
+size bucket (atoms, edges and angles padded, see neighbors.py), reused for every later frame that fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpa3_ref.config import DPA3Config
+from dpa3_ref.errors import Dpa3Error
+from dpa3_ref.model import DPA3Model, energy_forces_virial, init_model
+from dpa3_ref.neighbors import Graph, build_graph
+
+_compiled_energy_forces_virial = eqx.filter_jit(energy_forces_virial)
+
+
+class Potential:
+    """A DPA3 model ready to evaluate structures."""
+
+    def __init__(self, model: DPA3Model):
+        self.model = model
+
+    @classmethod
+    def init(cls, config: DPA3Config, seed: int = 0) -> Potential:
+        """A randomly initialised model (deepmd-kit's initialisation)."""
+        return cls(init_model(config, key=jax.random.key(seed)))
+
+    @property
+    def config(self) -> DPA3Config:
+        return self.model.config
+
+    @property
+    def type_map(self) -> list[str]:
+        return list(self.model.config.type_map)
+
+    def type_indices(self, types: Sequence[str] | Sequence[int] | np.ndarray) -> np.ndarray:
+        """Element names or model type indices -> model type indices, by name."""
+        types = np.asarray(types)
+        if types.dtype.kind in "US":
+            lookup = {name: index for index, name in enumerate(self.config.type_map)}
+            unknown = sorted({str(t) for t in types} - set(lookup))
+            if unknown:
+                raise Dpa3Error(f"element(s) {unknown} not in the model's type map {self.type_map}")
+            return np.array([lookup[str(t)] for t in types], dtype=np.int32)
+        if types.dtype.kind not in "iu":
+            raise Dpa3Error(f"types must be element names or integer type indices, got dtype {types.dtype}")
+        return types.astype(np.int32)
+
+    def graph(self, coord, types, cell=None) -> Graph:
+        coord = np.asarray(coord, dtype=np.float64)
+        return build_graph(coord, self.type_indices(types), None if cell is None else np.asarray(cell), self.config)
+
+    def evaluate(self, coord, types, cell=None, case_embd: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Energy (eV), per-atom energy, forces (eV/Å) and virial (eV, deepmd convention) of one structure.
+
+        coord [n, 3] Å; types: n element names or model type indices; cell [3, 3] with lattice vectors
+        as rows, or None for open boundaries; case_embd: the dataset one-hot (default: the model's).
+        """
+        graph = self.graph(coord, types, cell)
+        n_atoms = len(np.asarray(coord))
+        case = None if case_embd is None else jnp.asarray(case_embd)
+        out = _compiled_energy_forces_virial(self.model, graph, case)
+        return {
+            "energy": np.asarray(out["energy"][0]),
+            "atom_energy": np.asarray(out["atom_energy"][:n_atoms]),
+            "forces": np.asarray(out["forces"][:n_atoms]),
+            "virial": np.asarray(out["virial"][0]),
+        }
+
+    def cost_analysis(self, coord, types, cell=None) -> dict[str, Any]:
+        """XLA's count of FLOPs and bytes accessed for energy + forces + virial of this structure."""
+        graph = self.graph(coord, types, cell)
+        compiled = eqx.filter_jit(energy_forces_virial).lower(self.model, graph, None).compile()
+        analysis = compiled.cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, list) else analysis
+        return {"flops": float(analysis.get("flops", 0.0)), "bytes accessed": float(analysis.get("bytes accessed", 0.0))}
+
+    def save(self, path: str | Path) -> None:
+        from dpa3_ref.checkpoint import save_model
+
+        save_model(self.model, path)
+
+
+def load(path: str | Path) -> Potential:
+    """A model from an official deepmd-kit file (.dp, .yaml) or our own checkpoint (.npz)."""
+    path = Path(path)
+    if not path.exists():
+        raise Dpa3Error(f"model file {path} does not exist")
+    if path.suffix in (".dp", ".yaml", ".yml"):
+        from dpa3_ref.official import load_official
+
+        return Potential(load_official(path))
+    if path.suffix == ".npz":
+        from dpa3_ref.checkpoint import load_model
+
+        return Potential(load_model(path))
+    raise Dpa3Error(f"{path}: unknown model file type {path.suffix!r} (expected .dp, .yaml or .npz)")
