@@ -19,6 +19,7 @@ its numpy backend, energy only. The output says which.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -35,7 +36,6 @@ from dpa3_ref.errors import Dpa3Error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WATER = REPO_ROOT.parent / "shared" / "data" / "water" / "data_0"
-WATER_FRAME_ATOMS = 192
 
 # The targets printed next to the results.
 TARGET_SECONDS_192 = 0.4  # warm energy + forces at 192 atoms
@@ -60,11 +60,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    sizes = _parse_sizes(args.sizes, "--sizes")
-    official_sizes = [] if args.no_official else _parse_sizes(args.official_sizes, "--official-sizes")
     if args.repeats < 1:
         raise Dpa3Error(f"--repeats must be at least 1, got {args.repeats}")
-    read_system(args.system)  # fail here, with the reader's message, rather than in every worker
+    water = read_system(args.system)  # fail here, with the reader's message, rather than in every worker
+    if water.cell is None:
+        raise Dpa3Error(f"{args.system}: the benchmark builds supercells and needs a periodic system")
+    sizes = _parse_sizes(args.sizes, "--sizes", water.n_atoms)
+    official_sizes = [] if args.no_official else _parse_sizes(args.official_sizes, "--official-sizes", water.n_atoms)
+    if official_sizes and importlib.util.find_spec("deepmd") is None:
+        print("deepmd-kit is not installed: the official implementation is not timed")
+        official_sizes = []
 
     results = {"matmul_peak": _in_subprocess("measure_matmul_peak", timeout=300)}
     _print_header(results["matmul_peak"])
@@ -105,13 +110,13 @@ def _supercell_repeats(n_atoms: int, n_frame_atoms: int) -> int:
     return repeats
 
 
-def _parse_sizes(text: str, option: str) -> list[int]:
+def _parse_sizes(text: str, option: str, n_frame_atoms: int) -> list[int]:
     try:
         sizes = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise Dpa3Error(f"{option} must be comma-separated atom counts, got {text!r}") from None
     for n_atoms in sizes:
-        _supercell_repeats(n_atoms, WATER_FRAME_ATOMS)
+        _supercell_repeats(n_atoms, n_frame_atoms)
     return sizes
 
 
@@ -131,6 +136,7 @@ def measure_matmul_peak(size: int = 4096, repeats: int = 5) -> dict:
         "size": size,
         "device": str(jax.devices()[0].device_kind),
         "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg()[0],  # other processes competing for the cores make every number slower
         "jax_version": jax.__version__,
     }
 
@@ -149,13 +155,13 @@ def measure_ours(system: str, n_atoms: int, repeats: int) -> dict:
         "first_call_s": first_call_s,
         "times_s": times_s,
         "median_s": statistics.median(times_s),
-        "peak_rss_gib": _peak_rss_gib(),
+        "peak_rss_gib": _peak_rss_gib(),  # before the cost analysis compiles the graph a second time
     }
-    if hasattr(potential, "cost_analysis"):
-        cost = potential.cost_analysis(coord, atom_names, cell)
-        result["flops"] = cost.get("flops")
-        result["bytes_accessed"] = cost.get("bytes accessed")
-    return result
+    try:
+        cost = potential.cost_analysis(coord, atom_names, cell)  # energy + forces + virial
+    except Exception as error:  # the FLOP count is extra information: keep the timings without it
+        return {**result, "cost_analysis_error": f"{type(error).__name__}: {error}"}
+    return {**result, "flops": cost["flops"], "bytes_accessed": cost["bytes accessed"]}
 
 
 def measure_official(system: str, n_atoms: int, repeats: int) -> dict:
@@ -207,7 +213,7 @@ def _official_jax(model_params: dict, coord, atom_names, cell, repeats: int) -> 
 
     def model_call(graph):
         energy, forces = compiled(state, *graph)
-        forces.block_until_ready()
+        forces.block_until_ready()  # JAX dispatches asynchronously: wait for the result being timed
 
     nlist_times, model_times = [], []
     for _ in range(repeats):
@@ -216,7 +222,7 @@ def _official_jax(model_params: dict, coord, atom_names, cell, repeats: int) -> 
         nlist_times.append(time.perf_counter() - start)
         model_times.append(_timed(lambda: model_call(graph)))
     return {
-        "backend": "deepmd-kit JAX backend, energy + forces",
+        "backend": "JAX backend, energy + forces",
         "compile_s": compile_s,
         "nlist_median_s": statistics.median(nlist_times),
         "model_median_s": statistics.median(model_times),
@@ -233,7 +239,7 @@ def _official_numpy(model_params: dict, coord, atom_names, cell, repeats: int) -
     model = get_model(model_params)
     types = np.array([model.get_type_map().index(name) for name in atom_names])[None]  # [1, n]
     times = [_timed(lambda: model.call(coord[None], types, box=cell.reshape(1, 9))) for _ in range(repeats)]
-    return {"backend": "deepmd-kit numpy backend, energy only", "median_s": statistics.median(times)}
+    return {"backend": "numpy backend, energy only", "median_s": statistics.median(times)}
 
 
 def _timed(function) -> float:
@@ -278,7 +284,8 @@ def _print_header(peak: dict) -> None:
     if "error" in peak:
         print(f"float32 matmul peak: not measured ({peak['error']})")
         return
-    print(f"machine: {peak['cpu_count']} cores, {peak['device']}, jax {peak['jax_version']}; "
+    print(f"machine: {peak['cpu_count']} cores, {peak['device']}, jax {peak['jax_version']}, "
+          f"load average {peak['load_average']:.1f}; "
           f"float32 matmul peak {peak['flops_per_s'] / 1e9:.0f} GFLOP/s ({peak['size']}², best of 5)")
 
 
@@ -293,9 +300,12 @@ def _print_ours(ours: list[dict], peak: dict) -> None:
         rate = flops / median if flops else None
         fraction = rate / peak["flops_per_s"] if rate and "flops_per_s" in peak else None
         print(f"{result['n_atoms']:>6} {result['first_call_s']:>10.1f}s {median:>8.3f}s "
-              f"{result['peak_rss_gib']:>5.2f} GiB {_maybe(flops, 1e-9, '7.1f')} {_maybe(rate, 1e-9, '8.1f')} "
-              f"{_maybe(fraction, 100, '7.0f')}%")
-    print("  first call = jit compilation + one run; median over warm calls")
+              f"{result['peak_rss_gib']:>5.2f} GiB {_number(flops and flops / 1e9, '.1f'):>7} "
+              f"{_number(rate and rate / 1e9, '.1f'):>8} {_number(fraction, '.0%'):>8}")
+    for result in ours:
+        if "cost_analysis_error" in result:
+            print(f"  no FLOP count at {result['n_atoms']} atoms: {result['cost_analysis_error']}")
+    print("  first call = jit compilation + one run; median over warm calls; GFLOP (XLA) include the virial")
 
 
 def _print_official(official: list[dict], ours: list[dict]) -> None:
@@ -348,9 +358,8 @@ def _print_targets(targets: list[dict]) -> None:
         print(f"  {'PASS' if target['pass'] else 'FAIL'}  {target['value']:>10}  {target['target']}")
 
 
-def _maybe(value: float | None, scale: float, spec: str) -> str:
-    width = int(spec.split(".")[0])
-    return f"{value * scale:{spec}}" if value is not None else f"{'-':>{width}}"
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 if __name__ == "__main__":

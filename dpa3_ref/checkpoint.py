@@ -15,6 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,7 +61,7 @@ def load_model(path: str | Path) -> DPA3Model:
         if "__format__" not in data or str(data["__format__"]) != FORMAT:
             raise Dpa3Error(f"{path}: not a dpa3-ref model file (no '{FORMAT}' marker)")
         config = DPA3Config.from_json(str(data["__config__"]))
-        skeleton = init_model(config, key=jax.random.key(0))
+        skeleton = eqx.filter_eval_shape(init_model, config, key=jax.random.key(0))  # shapes only
         flat, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
         leaves = []
         for key_path, target in flat:

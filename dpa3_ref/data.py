@@ -46,6 +46,8 @@ class System:
     virial: np.ndarray | None = None  # [nf, 3, 3] eV, deepmd convention
 
     def __post_init__(self):
+        if self.coord.ndim != 3:
+            raise Dpa3Error(f"{self.source}: coord has shape {self.coord.shape}, expected (frames, atoms, 3)")
         n_frames, n_atoms = self.coord.shape[:2]
         expected = {
             "coord": (self.coord, (n_frames, n_atoms, 3)),

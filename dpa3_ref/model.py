@@ -78,3 +78,17 @@ def init_model(config: DPA3Config, *, key: jax.Array) -> DPA3Model:
         out_bias=jnp.zeros(config.ntypes, jnp.float64),
         config=config,
     )
+
+
+def with_config(model: DPA3Model, config: DPA3Config) -> DPA3Model:
+    """The same weights under a compatible config, e.g. another precision (leaves cast to its dtypes)."""
+    skeleton = init_model(config, key=jax.random.key(0))
+    old, new = jax.tree.leaves(model), jax.tree.leaves(skeleton)
+    if [x.shape for x in old] != [x.shape for x in new]:
+        raise ValueError("with_config: the new config implies a different architecture")
+    return jax.tree.unflatten(jax.tree.structure(skeleton), [a.astype(b.dtype) for a, b in zip(old, new, strict=True)])
+
+
+def cast_model(model: DPA3Model, precision: str) -> DPA3Model:
+    """The same model computing in `precision` ("float32" or "float64")."""
+    return with_config(model, model.config.replace(precision=precision, fitting_precision=precision))

@@ -95,7 +95,9 @@ def neighbor_pairs(positions: np.ndarray, cell: np.ndarray | None, cutoff: float
         box, periodic = np.zeros((3, 3)), False
     else:
         box, periodic = np.asarray(cell, dtype=np.float64), True
-    calculator = vesin.NeighborList(cutoff=cutoff, full_list=True)
+    # vesin keeps d < cutoff; deepmd keeps d <= r_c (which matters with the exponential switch, not 0 at
+    # r_c), so search a hair wider and let the caller cut at exactly r_c.
+    calculator = vesin.NeighborList(cutoff=cutoff * (1 + 1e-12), full_list=True)
     i, j, shifts, distances = calculator.compute(positions, box, periodic, quantities="ijSd")
     return i.astype(np.int64), j.astype(np.int64), shifts.astype(np.float64), distances
 
@@ -117,10 +119,6 @@ def build_graph(
 
     center, neighbor, image, distance = neighbor_pairs(positions, cell, config.e_rcut)
     keep = distance <= config.e_rcut
-    if config.exclude_types:
-        excluded = {tuple(p) for p in config.exclude_types} | {tuple(p[::-1]) for p in config.exclude_types}
-        pair_types = zip(types[center].tolist(), types[neighbor].tolist(), strict=True)
-        keep &= ~np.fromiter((p in excluded for p in pair_types), bool, count=center.size)
     center, neighbor, image, distance = center[keep], neighbor[keep], image[keep], distance[keep]
     if distance.size and distance.min() < MIN_DISTANCE:
         k = int(np.argmin(distance))
@@ -141,6 +139,12 @@ def build_graph(
             stacklevel=2,
         )
     center, neighbor, image, distance, slot = (a[selected] for a in (center, neighbor, image, distance, slot))
+    if config.exclude_types:
+        # deepmd-kit removes excluded pairs after the selection: they still take up slots.
+        excluded = {tuple(p) for p in config.exclude_types} | {tuple(p[::-1]) for p in config.exclude_types}
+        pair_types = zip(types[center].tolist(), types[neighbor].tolist(), strict=True)
+        kept = ~np.fromiter((p in excluded for p in pair_types), bool, count=center.size)
+        center, neighbor, image, distance, slot = (a[kept] for a in (center, neighbor, image, distance, slot))
     in_angle = (slot < config.a_sel) & (distance < config.a_rcut)
     angle_edge, angle_mask = _angle_table(center, in_angle, n_atoms)
 
@@ -158,10 +162,7 @@ def build_graph(
         angle_edge=angle_edge,
         angle_mask=angle_mask,
     )
-    if pad:
-        graph = pad_graph(graph, bucket_size(n_atoms), bucket_size(graph.n_edges),
-                          min(-(-graph.max_angle_neighbors // 4) * 4, config.a_sel))
-    return graph
+    return pad_to_buckets(graph, config) if pad else graph
 
 
 def _angle_table(center: np.ndarray, in_angle: np.ndarray, n_atoms: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,6 +177,43 @@ def _angle_table(center: np.ndarray, in_angle: np.ndarray, n_atoms: int) -> tupl
     table[owner, rank] = angle_edges
     mask[owner, rank] = True
     return table, mask
+
+
+def batch_graphs(graphs: list[Graph]) -> Graph:
+    """Several unpadded frames as one graph (a disjoint union): indices offset, `atom_frame` = frame number."""
+    atom_offsets = np.cumsum([0] + [g.n_atoms for g in graphs[:-1]])
+    edge_offsets = np.cumsum([0] + [g.n_edges for g in graphs[:-1]])
+    width = max(g.max_angle_neighbors for g in graphs)
+
+    def cat(name, offsets=None):
+        parts = [np.asarray(getattr(g, name)) for g in graphs]
+        if offsets is not None:
+            parts = [part + offset for part, offset in zip(parts, offsets, strict=True)]
+        return np.concatenate(parts)
+
+    def widen(array, value):
+        return np.pad(np.asarray(array), [(0, 0), (0, width - array.shape[1])], constant_values=value)
+
+    return Graph(
+        positions=cat("positions"),
+        types=cat("types"),
+        atom_frame=np.concatenate([np.full(g.n_atoms, k, np.int32) for k, g in enumerate(graphs)]),
+        edge_center=cat("edge_center", atom_offsets).astype(np.int32),
+        edge_neighbor=cat("edge_neighbor", atom_offsets).astype(np.int32),
+        edge_shift=cat("edge_shift"),
+        edge_slot=cat("edge_slot"),
+        edge_mask=cat("edge_mask"),
+        edge_in_angle=cat("edge_in_angle"),
+        angle_edge=np.concatenate([widen(g.angle_edge, 0) + off for g, off in zip(graphs, edge_offsets, strict=True)]),
+        angle_mask=np.concatenate([widen(g.angle_mask, False) for g in graphs]),
+        n_frames=len(graphs),
+    )
+
+
+def pad_to_buckets(graph: Graph, config: DPA3Config) -> Graph:
+    """Pad atoms and edges to bucket sizes and the angle table width to a multiple of 8 (at most a_sel)."""
+    return pad_graph(graph, bucket_size(graph.n_atoms, minimum=16), bucket_size(graph.n_edges, minimum=256),
+                     min(-(-graph.max_angle_neighbors // 8) * 8, config.a_sel))
 
 
 def bucket_size(n: int, minimum: int = 8) -> int:

@@ -33,6 +33,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,7 +106,7 @@ def model_from_dict(data: dict[str, Any]) -> DPA3Model:
     if not isinstance(model, dict) or "descriptor" not in model:
         raise Dpa3Error("not a deepmd-kit model: no 'model'/'descriptor' entry")
     config = DPA3Config.from_deepmd(model)
-    skeleton = init_model(config, key=jax.random.key(0))
+    skeleton = eqx.filter_eval_shape(init_model, config, key=jax.random.key(0))  # shapes only
     descriptor = model["descriptor"]
     repflow = descriptor["repflow_variable"]
     fitting = model["fitting"]
@@ -192,7 +193,7 @@ def model_from_dict(data: dict[str, Any]) -> DPA3Model:
                 for k, (t, s) in enumerate(zip(ours_f.layers, fitting_layers, strict=True))],
         bias_atom_e=_array(fitting_vars["bias_atom_e"], (config.ntypes, 1), "fitting/@variables/bias_atom_e",
                            jnp.float64).reshape(-1),
-        case_embd=ours_f.case_embd if case is None else _array(case, ours_f.case_embd.shape,
+        case_embd=jnp.zeros(ours_f.case_embd.shape, fitting_dtype) if case is None else _array(case, ours_f.case_embd.shape,
                                                                 "fitting/@variables/case_embd", fitting_dtype),
     )
     out_bias = model.get("@variables", {}).get("out_bias")

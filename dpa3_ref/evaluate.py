@@ -1,0 +1,117 @@
+"""`dpa3 eval`: a model's energy, per-atom energies, forces and virial on every frame of a system.
+
+    dpa3 eval --model MODEL --system PATH --out OUT.npz
+
+MODEL is a deepmd-kit `.dp`/`.yaml` file or a dpa3-ref checkpoint; PATH a deepmd/npy directory or an
+extxyz file (see `dpa3_ref.data`). OUT.npz holds
+
+    energy       (nf,)        eV
+    atom_energy  (nf, n)      eV
+    forces       (nf, n, 3)   eV/Å
+    virial       (nf, 3, 3)   eV, deepmd convention (spec §7)
+
+When the system has DFT labels, the errors are printed as deepmd-kit's `dp test` reports them
+(spec §9.2): energy and virial per atom, sqrt(mean_f (ΔE_f / N)²), and in total; forces over all components.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dpa3_ref.data import System, read_system
+from dpa3_ref.errors import Dpa3Error
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="deepmd-kit .dp/.yaml model or dpa3-ref checkpoint")
+    parser.add_argument("--system", required=True, type=Path, help="deepmd/npy system directory or extxyz file")
+    parser.add_argument("--out", required=True, type=Path, help="output .npz: energy, atom_energy, forces, virial")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dpa3_ref  # the model pulls in JAX: only when evaluating, so `dpa3 --help` stays fast
+
+    if not args.out.parent.is_dir():
+        raise Dpa3Error(f"{args.out}: directory {args.out.parent} does not exist")
+    system = read_system(args.system)
+    potential = dpa3_ref.load(args.model)
+    predictions = evaluate_system(potential, system)
+    write_npz_atomically(args.out, predictions)
+    print(f"wrote {args.out}: {system.n_frames} frames of {system.n_atoms} atoms")
+    report = rmse_report(predictions, system)
+    if report:
+        print(format_report(report, system))
+    return 0
+
+
+def evaluate_system(potential, system: System, progress: bool = True) -> dict[str, np.ndarray]:
+    """`potential.evaluate` on every frame, stacked: energy [nf], atom_energy [nf, n], forces [nf, n, 3], virial [nf, 3, 3]."""
+    types = system.type_indices(potential.type_map)  # [n]; names the element if the model lacks one
+    frames = []
+    for frame in tqdm(range(system.n_frames), desc=f"evaluating {system.source.name}", unit="frame",
+                      disable=not progress):
+        cell = None if system.cell is None else system.cell[frame]
+        frames.append(potential.evaluate(system.coord[frame], types, cell))
+    keys = ("energy", "atom_energy", "forces", "virial")
+    return {key: np.stack([np.asarray(result[key], dtype=np.float64) for result in frames]) for key in keys}
+
+
+def rmse_report(pred: dict[str, np.ndarray], system: System) -> dict[str, float]:
+    """Root-mean-square errors against the system's labels, for the labels it has (spec §9.2).
+
+    energy_rmse_per_atom = sqrt(mean_f (ΔE_f / N)²), energy_rmse = sqrt(mean_f ΔE_f²),
+    force_rmse = sqrt(mean over frames, atoms and xyz of ΔF²),
+    virial_rmse_per_atom = sqrt(mean_f mean_9 (ΔW_f / N)²), virial_rmse = the same without 1/N.
+    """
+    n_atoms = system.n_atoms
+    report = {}
+    if system.energy is not None:
+        energy_error = pred["energy"] - system.energy  # [nf]
+        report["energy_rmse"] = _rms(energy_error)
+        report["energy_rmse_per_atom"] = _rms(energy_error / n_atoms)
+    if system.forces is not None:
+        report["force_rmse"] = _rms(pred["forces"] - system.forces)
+    if system.virial is not None:
+        virial_error = pred["virial"] - system.virial  # [nf, 3, 3]
+        report["virial_rmse"] = _rms(virial_error)
+        report["virial_rmse_per_atom"] = _rms(virial_error / n_atoms)
+    return report
+
+
+def format_report(report: dict[str, float], system: System) -> str:
+    """The errors as lines in the style of `dp test`."""
+    lines = [f"# number of test data : {system.n_frames}"]
+    labels = {  # report key -> (label, unit)
+        "energy_rmse": ("Energy RMSE", "eV"),
+        "energy_rmse_per_atom": ("Energy RMSE/Natoms", "eV"),
+        "force_rmse": ("Force  RMSE", "eV/A"),
+        "virial_rmse": ("Virial RMSE", "eV"),
+        "virial_rmse_per_atom": ("Virial RMSE/Natoms", "eV"),
+    }
+    for key, (label, unit) in labels.items():
+        if key in report:
+            lines.append(f"{label:<19}: {report[key]:e} {unit}")
+    return "\n".join(lines)
+
+
+def write_npz_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see a half-written file."""
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            np.savez(file, **arrays)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _rms(values: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(values))))
