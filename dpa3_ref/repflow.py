@@ -55,11 +55,30 @@ def segment_sum(values: jax.Array, segment_ids: jax.Array, num_segments: int) ->
     return jax.ops.segment_sum(values, segment_ids, num_segments=num_segments)
 
 
+ATOMS_PER_CHUNK = 64
+LARGE_SYSTEM = 512  # atoms; from here on, memory is saved at the price of ~50 % more compute
+
+
+def over_atoms(fn, *per_atom: jax.Array):
+    """fn(*per_atom), for large systems computed for chunks of ATOMS_PER_CHUNK atoms in turn, each chunk
+    rematerialised in the backward pass: only one chunk's [atoms, K, K, ·] temporaries exist at a time.
+    Numerically the same as fn(*per_atom), which small systems (and sizes that are not a multiple of the
+    chunk) use directly, because there speed matters more than memory."""
+    n_atoms = per_atom[0].shape[0]
+    if n_atoms < LARGE_SYSTEM or n_atoms % ATOMS_PER_CHUNK:
+        return fn(*per_atom)
+    chunks = [x.reshape(n_atoms // ATOMS_PER_CHUNK, ATOMS_PER_CHUNK, *x.shape[1:]) for x in per_atom]
+    out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), chunks)
+    return out.reshape(n_atoms, *out.shape[2:])
+
+
 def symmetrise(features: jax.Array, graph: LineGraph, edge_norm: float, axis_neuron: int) -> jax.Array:
     """(N2) G_i(g) for per-edge invariant features g [n_edge, d] → [n_atoms, A·d]."""
     weighted = features * graph.edge_switch[:, None]  # [n_edge, d]
-    outer = graph.edge_h[:, :, None] * weighted[:, None, :]  # [n_edge, 3, d]
-    m = segment_sum(outer, graph.edge_center, graph.n_atoms) / math.sqrt(edge_norm)  # [n_atoms, 3, d]
+    # One Cartesian component at a time: never materialises the [n_edge, 3, d] outer product.
+    m = jnp.stack(
+        [segment_sum(graph.edge_h[:, c, None] * weighted, graph.edge_center, graph.n_atoms) for c in range(3)], axis=1
+    ) / math.sqrt(edge_norm)  # [n_atoms, 3, d]
     g = jnp.matmul(jnp.swapaxes(m[:, :, :axis_neuron], 1, 2), m) / 3.0  # [n_atoms, A, d]
     return g.reshape(g.shape[0], -1)
 
@@ -87,9 +106,9 @@ class RepFlowLayer(eqx.Module):
         edge_updates = [self.edge_self_update(node, edge, graph)]  # (E1)
         angle_updates = []
         if self.config.update_angle:
-            node_for_angle, edge_for_angle = self.angle_inputs(node, edge)
-            edge_updates.append(self.angle_to_edge(angle, node_for_angle, edge_for_angle, edge, graph))  # (E2)
-            angle_updates.append(self.angle_self_update(angle, node_for_angle, edge_for_angle, graph))  # (A1)
+            node_for_angle, edge_block = self.angle_inputs(node, edge, graph)
+            edge_updates.append(self.angle_to_edge(angle, node_for_angle, edge_block, edge, graph))  # (E2)
+            angle_updates.append(self.angle_self_update(angle, node_for_angle, edge_block))  # (A1)
         node_new = self.combine(node, self.node_updates(node, edge, graph), self.node_residual)
         edge_new = self.combine(edge, edge_updates, self.edge_residual)
         angle_new = self.combine(angle, angle_updates, self.angle_residual)
@@ -98,9 +117,9 @@ class RepFlowLayer(eqx.Module):
     def _sequential(self, node, edge, angle, graph):
         """spec §5.8: edge self → angle self → angle → edge → node, each using the newest inputs."""
         edge = edge + self.edge_residual[0] * self.edge_self_update(node, edge, graph)
-        node_for_angle, edge_for_angle = self.angle_inputs(node, edge)
-        angle = angle + self.angle_residual[0] * self.angle_self_update(angle, node_for_angle, edge_for_angle, graph)
-        edge = edge + self.edge_residual[1] * self.angle_to_edge(angle, node_for_angle, edge_for_angle, edge, graph)
+        node_for_angle, edge_block = self.angle_inputs(node, edge, graph)
+        angle = angle + self.angle_residual[0] * self.angle_self_update(angle, node_for_angle, edge_block)
+        edge = edge + self.edge_residual[1] * self.angle_to_edge(angle, node_for_angle, edge_block, edge, graph)
         node = self.combine(node, self.node_updates(node, edge, graph), self.node_residual)
         return node, edge, angle
 
@@ -136,32 +155,37 @@ class RepFlowLayer(eqx.Module):
         act = get_activation(self.config.activation_function)
         return act(self.pair_linear(self.edge_self, node, edge, graph))  # (E1) [n_edge, e]
 
-    def angle_inputs(self, node: jax.Array, edge: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """ñ_i [n_atoms, |ñ|] and ẽ_ij [n_edge, |ẽ|]: node and edge features, compressed for the angle graph."""
+    def angle_inputs(self, node: jax.Array, edge: jax.Array, graph: LineGraph) -> tuple[jax.Array, jax.Array]:
+        """ñ_i [n_atoms, |ñ|] and ẽ_ij per angle neighbour [n_atoms, K, |ẽ|]: compressed for the angle graph."""
         cfg = self.config
         if cfg.a_compress_rate == 0:
-            return node, edge
-        if cfg.a_compress_use_split:
-            return node[:, : cfg.angle_node_dim], edge[:, : cfg.angle_edge_dim]
-        return self.angle_compress_node(node), self.angle_compress_edge(edge)
+            node_for_angle, edge_for_angle = node, edge
+        elif cfg.a_compress_use_split:
+            node_for_angle, edge_for_angle = node[:, : cfg.angle_node_dim], edge[:, : cfg.angle_edge_dim]
+        else:
+            node_for_angle, edge_for_angle = self.angle_compress_node(node), self.angle_compress_edge(edge)
+        return node_for_angle, edge_for_angle[graph.angle_edge]
 
-    def angle_linear(self, layer: Layer, angle, node_for_angle, edge_for_angle, graph: LineGraph) -> jax.Array:
-        """Lin(z_ijk) with z_ijk = [a_ijk; ñ_i; ẽ_ik; ẽ_ij], block by block."""  # [n_atoms, K, K, n_out]
+    def angle_linear(self, layer: Layer, angle, node_for_angle, edge_block) -> jax.Array:
+        """Lin(z_ijk) with z_ijk = [a_ijk; ñ_i; ẽ_ik; ẽ_ij], block by block."""  # [atoms, K, K, n_out]
         cfg = self.config
         w_angle, w_node, w_edge_k, w_edge_j = split_rows(
             layer, [cfg.a_dim, cfg.angle_node_dim, cfg.angle_edge_dim, cfg.angle_edge_dim]
         )
-        edge_block = edge_for_angle[graph.angle_edge]  # [n_atoms, K, |ẽ|]
-        per_j = (node_for_angle @ w_node)[:, None, :] + edge_block @ w_edge_j + layer.bias  # [n_atoms, K, n_out]
-        per_k = edge_block @ w_edge_k  # [n_atoms, K, n_out]
+        per_j = (node_for_angle @ w_node)[:, None, :] + edge_block @ w_edge_j + layer.bias  # [atoms, K, n_out]
+        per_k = edge_block @ w_edge_k  # [atoms, K, n_out]
         return angle @ w_angle + per_j[:, :, None, :] + per_k[:, None, :, :]
 
-    def angle_to_edge(self, angle, node_for_angle, edge_for_angle, edge, graph: LineGraph) -> jax.Array:
+    def angle_to_edge(self, angle, node_for_angle, edge_block, edge, graph: LineGraph) -> jax.Array:
         """(E2) w2_ij: reduce the angle messages of edge ij over k."""  # [n_edge, e]
         cfg, act = self.config, get_activation(self.config.activation_function)
-        message = act(self.angle_linear(self.edge_angle_1, angle, node_for_angle, edge_for_angle, graph))
-        weight = graph.angle_switch[:, :, None] * graph.angle_switch[:, None, :]  # [n_atoms, K, K]
-        reduced = jnp.sum(message * weight[..., None], axis=2) / math.sqrt(cfg.angle_norm)  # [n_atoms, K, e]
+
+        def reduce_over_k(angle, node_for_angle, edge_block, switch):  # [atoms, K, e]
+            message = act(self.angle_linear(self.edge_angle_1, angle, node_for_angle, edge_block))
+            weight = switch[:, :, None] * switch[:, None, :]  # [atoms, K, K]
+            return jnp.sum(message * weight[..., None], axis=2) / math.sqrt(cfg.angle_norm)
+
+        reduced = over_atoms(reduce_over_k, angle, node_for_angle, edge_block, graph.angle_switch)  # [n_atoms, K, e]
         reduced = segment_sum(  # back from the angle table to the edge list: [n_edge, e]
             reduced.reshape(-1, reduced.shape[-1]), graph.angle_edge.reshape(-1), edge.shape[0]
         )
@@ -169,9 +193,11 @@ class RepFlowLayer(eqx.Module):
             reduced = jnp.where(graph.edge_in_angle[:, None], reduced, edge)
         return act(self.edge_angle_2(reduced))
 
-    def angle_self_update(self, angle, node_for_angle, edge_for_angle, graph: LineGraph) -> jax.Array:
+    def angle_self_update(self, angle, node_for_angle, edge_block) -> jax.Array:
         act = get_activation(self.config.activation_function)
-        return act(self.angle_linear(self.angle_self, angle, node_for_angle, edge_for_angle, graph))  # (A1)
+        return over_atoms(  # (A1) [n_atoms, K, K, a]
+            lambda a, n, e: act(self.angle_linear(self.angle_self, a, n, e)), angle, node_for_angle, edge_block
+        )
 
     # ------------------------------------------------------------------ residual update
     def combine(self, x: jax.Array, updates: list[jax.Array], residuals: list[jax.Array]) -> jax.Array:

@@ -24,11 +24,15 @@ deepmd-kit facts this relies on (3.2.0, read from ``deepmd/dpmodel``):
   (an atom's own images at +L and -L in a small cell) come out in an unspecified order. Only per-slot
   statistics (``davg``/``dstd`` indexed by neighbour slot) and sel truncation can see that order, hence
   ``per_slot_stats`` below and the margins in ``selection_margins``.
-- Invalid configurations raise at construction: ``a_sel > e_sel`` and ``a_rcut > e_rcut`` (assert in the
-  descriptor), ``sequential_update`` without ``update_style="res_residual"`` or without ``update_angle``
-  (ValueError), ``use_dynamic_sel`` without ``smooth_edge_update`` (NotImplementedError),
-  ``(a_dim * a_compress_e_rate) % (2 * a_compress_rate) != 0`` (assert). ``rcut_smth >= rcut`` raises
-  only at the first call (ValueError in the switch function).
+- Invalid configurations raise: ``a_sel > e_sel`` and ``a_rcut > e_rcut`` (assert in the descriptor),
+  ``sequential_update`` without ``update_style="res_residual"`` or without ``update_angle`` (ValueError),
+  ``use_dynamic_sel`` without ``smooth_edge_update`` (NotImplementedError),
+  ``(a_dim * a_compress_e_rate) % (2 * a_compress_rate) != 0`` (assert), ``a_compress_use_split`` with
+  ``a_dim / rate > n_dim`` or ``a_dim * e_rate / (2 rate) > e_dim`` (assert on a weight shape),
+  ``axis_neuron > e_dim`` or ``> n_dim`` (reshape error at the first call), ``rcut_smth >= rcut`` (ValueError
+  at the first call), ``rcut_smth = 0`` with the exponential switch (ZeroDivisionError).
+- A left-handed cell (det < 0) gets negative face distances and therefore no periodic images at all, not even
+  the centre's own: the official energy is then wrong, silently. Test systems use right-handed cells.
 """
 
 import copy
@@ -40,11 +44,12 @@ from deepmd.dpmodel.model.model import get_model
 from deepmd.dpmodel.utils.nlist import extend_coord_with_ghosts
 from deepmd.dpmodel.utils.region import normalize_coord
 
-# Central-difference step in Å (positions) and in strain units (virial). Measured on the reference water
-# model (tests/official_oracle.py __main__ block and the report of issue 2): against the official PyTorch
-# forces the error of a central difference of the offset-free energy is ~1e-10 eV/Å at 1e-5 .. 1e-4 and
-# grows as 1/h below (roundoff) and as h^2 above (truncation). 1e-5 keeps neighbours from crossing a cutoff
-# or swapping slots while the geometry is held `FD_MARGIN` away from such events.
+# Central-difference step in Å (positions) and in strain units (virial). Measured against official autodiff
+# (the PyTorch forces/virial stored with ../shared/reference/water_small_f64, 39-atom cluster) the error of a
+# central difference of the offset-free energy is 2e-9 eV/Å at 1e-5 and 6e-10 at 1e-4, and grows as 1/step
+# below 1e-5 (roundoff: 2e-8 at 1e-6) and as step^2 above 1e-4 (plus kinks: a larger step makes neighbours
+# cross cutoffs and swap slots). With the energy offsets kept the roundoff is 100x larger (2e-7 at 1e-5).
+# 1e-5 keeps every distance change well inside `FD_MARGIN`.
 FD_STEP = 1e-5
 # Minimum distance (Å) the test systems keep between any neighbour distance and a cutoff, and between the
 # neighbours on either side of a sel-truncation boundary; larger than any distance change a finite-difference
@@ -252,7 +257,8 @@ def neighbor_distances(coord: np.ndarray, box: np.ndarray | None, rcut: float) -
     if box is not None:
         box = np.asarray(box, dtype=np.float64).reshape(1, 3, 3)
         coord = normalize_coord(coord.reshape(1, n, 3), box).reshape(n, 3)
-    ext, _, _ = extend_coord_with_ghosts(coord.reshape(1, n * 3), atype, None if box is None else box.reshape(1, 9), rcut)
+    cell = None if box is None else box.reshape(1, 9)
+    ext, _, _ = extend_coord_with_ghosts(coord.reshape(1, n * 3), atype, cell, rcut)
     ext = ext.reshape(-1, 3)
     dist = np.linalg.norm(ext[None, :, :] - coord[:, None, :], axis=-1)  # [n, nall]
     dist[np.arange(n), np.arange(n)] = np.inf  # the centre itself (the first n extended atoms are the originals)
