@@ -192,3 +192,10 @@ def from_dpa3(model: Any) -> AdaptedPotential:
                             receptive_field=config.nlayers * float(config.e_rcut),
                             precision="float32" if "float32" in precisions else "float64",
                             batch_evaluate=batch_evaluate if hasattr(model, "evaluate_batch") else None)
+
+
+def from_onnx(path: str) -> AdaptedPotential:
+    """An exported model file (`dpa3 export`), run by onnxruntime: the same checks as for the JAX model."""
+    from dpa3_ref.export_onnx import OnnxPotential
+
+    return dataclasses.replace(from_dpa3(OnnxPotential(path)), name="onnx")

@@ -18,6 +18,7 @@ from dpa3_ref.errors import Dpa3Error
 SUBCOMMANDS = {
     "eval": ("dpa3_ref.evaluate", "evaluate a model on a deepmd/npy system or an extxyz file"),
     "demo": ("dpa3_ref.demo", "build a model, evaluate a generated structure, run a short NVE MD"),
+    "export": ("dpa3_ref.export_onnx", "export a model to ONNX (energy, forces and virial in the graph)"),
     "check-invariance": ("dpa3_ref.invariance", "property-test any potential for symmetry and smoothness"),
     "bench": ("dpa3_ref.benchmark", "time energy+forces of the water example model"),
 }

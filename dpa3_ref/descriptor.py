@@ -20,7 +20,7 @@ from dpa3_ref.activations import get_activation
 from dpa3_ref.config import DPA3Config
 from dpa3_ref.neighbors import Graph
 from dpa3_ref.nn import Layer, has_skip, init_layer
-from dpa3_ref.repflow import LARGE_SYSTEM, LineGraph, RepFlowLayer, init_repflow_layer
+from dpa3_ref.repflow import LineGraph, RepFlowLayer, init_repflow_layer, is_large
 from dpa3_ref.switch import cosine_input, safe_length, switch
 
 
@@ -56,7 +56,7 @@ class DPA3Descriptor(eqx.Module):
             edge = act(edge)
         angle = self.angle_embedding(angle_input)  # [n_atoms, K, K, a]
         for layer in self.layers:
-            if graph.n_atoms >= LARGE_SYSTEM:
+            if is_large(graph.n_atoms):
                 # Rematerialise each layer in the backward pass: only the layer inputs are kept, so memory
                 # grows with atoms, not atoms × layers (the angle tensors dominate: [n_atoms, K, K, ·]).
                 node, edge, angle = jax.checkpoint(lambda f, n, e, a: f(n, e, a, line_graph))(layer, node, edge, angle)

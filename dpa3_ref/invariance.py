@@ -30,12 +30,12 @@ from hypothesis.extra import numpy as hnp
 
 from dpa3_ref import strategies as sst
 from dpa3_ref.adapters import (AdaptedPotential, Potential, Result, checked_result, from_ase_calculator,
-                               from_callable, from_dpa3, from_factory)
+                               from_callable, from_dpa3, from_factory, from_onnx)
 from dpa3_ref.errors import Dpa3Error
 from dpa3_ref.strategies import CutoffProbe, Geometry, LocalityProbe, System
 
 __all__ = [
-    "Potential", "Result", "AdaptedPotential", "from_ase_calculator", "from_factory", "from_callable", "from_dpa3",
+    "Potential", "Result", "AdaptedPotential", "from_ase_calculator", "from_factory", "from_callable", "from_dpa3", "from_onnx",
     "Tolerances", "TOLERANCES", "Subject", "make_subject", "Profile", "PROFILES", "PROPERTIES",
     "check_property", "run_suite", "pytest_properties",
     "rotation_error", "translation_error", "wrap_error", "permutation_error", "gradient_error", "net_force_error",
@@ -725,6 +725,7 @@ def reports_to_json(subject: Subject, reports: Sequence[PropertyReport]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", metavar="FILE", help="our DPA3 model file (loaded with dpa3_ref.load)")
+    source.add_argument("--onnx", metavar="FILE", help="a model exported to ONNX by `dpa3 export`, run by onnxruntime")
     source.add_argument("--calculator", metavar="MODULE:FACTORY",
                         help="a function returning an ASE calculator, its module importable from PYTHONPATH")
     parser.add_argument("--elements", metavar="A,B", help="elements to draw systems from (default: the model's)")
@@ -763,6 +764,8 @@ def _tolerance_overrides(assignments: Sequence[str]) -> dict[str, float]:
 def _potential_from_arguments(args: argparse.Namespace) -> Potential:
     if args.calculator:
         return from_factory(args.calculator)
+    if args.onnx:
+        return from_onnx(args.onnx)
     from dpa3_ref import load
 
     return from_dpa3(load(args.model))

@@ -59,13 +59,18 @@ ATOMS_PER_CHUNK = 64
 LARGE_SYSTEM = 512  # atoms; from here on, memory is saved at the price of ~50 % more compute
 
 
+def is_large(n_atoms) -> bool:
+    """Whether to take the memory-saving path. A symbolic size (ONNX export: any size) takes the plain one."""
+    return isinstance(n_atoms, int) and n_atoms >= LARGE_SYSTEM
+
+
 def over_atoms(fn, *per_atom: jax.Array):
     """fn(*per_atom), for large systems computed for chunks of ATOMS_PER_CHUNK atoms in turn, each chunk
     rematerialised in the backward pass: only one chunk's [atoms, K, K, ·] temporaries exist at a time.
     Numerically the same as fn(*per_atom), which small systems (and sizes that are not a multiple of the
     chunk) use directly, because there speed matters more than memory."""
     n_atoms = per_atom[0].shape[0]
-    if n_atoms < LARGE_SYSTEM or n_atoms % ATOMS_PER_CHUNK:
+    if not is_large(n_atoms) or n_atoms % ATOMS_PER_CHUNK:
         return fn(*per_atom)
     chunks = [x.reshape(n_atoms // ATOMS_PER_CHUNK, ATOMS_PER_CHUNK, *x.shape[1:]) for x in per_atom]
     out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), chunks)

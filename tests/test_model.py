@@ -208,7 +208,6 @@ def test_errors_name_the_problem(tiny, tmp_path):
 
 def test_memory_saving_path_for_large_systems_gives_the_same_numbers(tiny, monkeypatch):
     """Large systems rematerialise layers and chunk the angle work; that must not change any number."""
-    import dpa3_ref.descriptor
     import dpa3_ref.repflow
 
     positions, types, cell = random_system(9, n=27)
@@ -216,7 +215,6 @@ def test_memory_saving_path_for_large_systems_gives_the_same_numbers(tiny, monke
     assert graph.n_atoms % 4 == 0 and graph.n_atoms > 4
     plain = jax.jit(lambda m, g: energy_forces_virial(m, g))(tiny.model, graph)
     monkeypatch.setattr(dpa3_ref.repflow, "LARGE_SYSTEM", 1)
-    monkeypatch.setattr(dpa3_ref.descriptor, "LARGE_SYSTEM", 1)
     monkeypatch.setattr(dpa3_ref.repflow, "ATOMS_PER_CHUNK", 4)
     lean = jax.jit(lambda m, g: energy_forces_virial(m, g))(tiny.model, graph)
     np.testing.assert_allclose(lean["energy"], plain["energy"], rtol=1e-13)
