@@ -5,6 +5,7 @@ steps of 1e-5 Å (force) and 1e-5 (strain); their truncation error here is ~1e-9
 would catch any missing gradient path (those are O(|F|) ~ 1e-2 or larger).
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,7 @@ import dpa3_ref
 from dpa3_ref import DPA3Config, Dpa3Error, Potential
 from dpa3_ref.activations import get_activation, silut_constants
 from dpa3_ref.calculator import DPA3Calculator
-from dpa3_ref.model import energy_forces_virial
+from dpa3_ref.model import cast_model, energy_forces_virial, with_config
 from dpa3_ref.neighbors import build_graph, pad_graph
 
 TINY = DPA3Config(
@@ -74,43 +75,28 @@ def test_dynamic_selection_equals_static_when_nothing_is_truncated():
     """spec §11.10: dynamic (f·S_e, f·S_a, f) == static (S_e, S_a); only the normalisation differs."""
     static = Potential.init(TINY, seed=5)
     dynamic_config = TINY.replace(use_dynamic_sel=True, sel_reduce_factor=4.0, e_sel=4 * TINY.e_sel, a_sel=4 * TINY.a_sel)
-    dynamic = Potential(jax.tree.map(lambda x: x, static.model))
-    dynamic = Potential(_with_config(static.model, dynamic_config))
+    dynamic = Potential(with_config(_retile_statistics(static.model, dynamic_config.e_sel), dynamic_config))
     positions, types, cell = random_system(2)
     a, b = static.evaluate(positions, types, cell), dynamic.evaluate(positions, types, cell)
     np.testing.assert_allclose(a["energy"], b["energy"], rtol=1e-12)
     np.testing.assert_allclose(a["forces"], b["forces"], atol=1e-12)
 
 
-def _with_config(model, config):
-    """The same weights under another config (davg/dstd re-tiled to the new e_sel)."""
-    from dpa3_ref.model import init_model
-
-    skeleton = init_model(config, key=jax.random.key(0))
-    leaves = [
-        jnp.broadcast_to(old[:, :1], new.shape) if old.shape != new.shape else old
-        for old, new in zip(jax.tree.leaves(model), jax.tree.leaves(skeleton), strict=True)
-    ]
-    return jax.tree.unflatten(jax.tree.structure(skeleton), leaves)
+def _retile_statistics(model, e_sel):
+    """davg/dstd (uniform over slots here) stretched to another number of neighbour slots."""
+    descriptor = eqx.tree_at(lambda d: (d.davg, d.dstd), model.descriptor,
+                             (jnp.repeat(model.descriptor.davg[:, :1], e_sel, 1),
+                              jnp.repeat(model.descriptor.dstd[:, :1], e_sel, 1)))
+    return eqx.tree_at(lambda m: m.descriptor, model, descriptor)
 
 
 def test_float32_model_agrees_with_float64(tiny):
-    single = Potential(jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.float64 else x,
-                                    _with_config(tiny.model, TINY.replace(precision="float32", fitting_precision="float32"))))
-    single = Potential(_keep_float64_offsets(single.model, tiny.model))
+    single = Potential(cast_model(tiny.model, "float32"))
     positions, types, cell = random_system(3)
     a, b = tiny.evaluate(positions, types, cell), single.evaluate(positions, types, cell)
     assert b["forces"].dtype == np.float64  # outputs are float64 whatever the model precision
     np.testing.assert_allclose(b["energy"], a["energy"], rtol=1e-6)
     np.testing.assert_allclose(b["forces"], a["forces"], atol=1e-5 * np.abs(a["forces"]).max() + 1e-7)
-
-
-def _keep_float64_offsets(single, double):
-    return jax.tree_util.tree_map(lambda x: x, single.__class__(
-        descriptor=single.descriptor,
-        fitting=single.fitting.__class__(layers=single.fitting.layers, bias_atom_e=double.fitting.bias_atom_e,
-                                         case_embd=single.fitting.case_embd),
-        out_bias=double.out_bias, config=single.config))
 
 
 def test_padding_does_not_change_results(tiny):
