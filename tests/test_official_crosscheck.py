@@ -364,6 +364,18 @@ def _describe(case: dict) -> str:
     )
 
 
+def _forget_compiled_models() -> None:
+    """Drop JAX's compiled programs: every example compiles a new architecture, and each compiled program
+    keeps ~350 memory mappings of JIT code; a few hundred examples in one process exceed the kernel's
+    vm.max_map_count (65530), after which LLVM fails with "Cannot allocate memory" and XLA segfaults."""
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 def check_against_official(case: dict) -> None:
     load_ours = _import_ours()
     note(_describe(case))
@@ -380,7 +392,10 @@ def check_against_official(case: dict) -> None:
 
     ours = load_ours(serialized(official))
     types = [case["config"]["type_map"][t] for t in atype] if case["types_as_names"] else atype.tolist()
-    out = ours.evaluate(coord, types, cell=box)
+    try:
+        out = ours.evaluate(coord, types, cell=box)
+    finally:
+        _forget_compiled_models()
 
     energy_scale = max(1.0, abs(energy))
     assert abs(float(out["energy"]) - energy) <= ENERGY_RTOL * energy_scale, (
