@@ -50,19 +50,25 @@ def _silu_jvp(primals, tangents):
 def silut(threshold: float) -> Activation:
     slope, offset = silut_constants(threshold)
 
+    def parts(x):
+        # One exponential serves both branches: r = σ(x) below T, and above T, with E = exp(−2k(x − T)),
+        # tanh(k(x − T)) = (1 − E)/(1 + E) = 2r − 1 where r = 1/(1 + E). (Half the cost of σ and tanh.)
+        below = x < threshold
+        r = 1.0 / (1.0 + jnp.exp(jnp.where(below, -x, -2.0 * slope * (x - threshold))))
+        return below, r
+
     @jax.custom_jvp
     def phi(x: jax.Array) -> jax.Array:
-        # Both branches are finite everywhere, so `where` is safe under grad.
-        return jnp.where(x < threshold, x * jax.nn.sigmoid(x), jnp.tanh(slope * (x - threshold)) + offset)
+        below, r = parts(x)
+        return jnp.where(below, x * r, 2.0 * r - 1.0 + offset)
 
     @phi.defjvp
     def _phi_jvp(primals, tangents):
         (x,), (dx,) = primals, tangents
-        sigma = jax.nn.sigmoid(x)
-        below = x < threshold
-        tail = jnp.tanh(slope * (x - threshold))
-        value = jnp.where(below, x * sigma, tail + offset)
-        derivative = jnp.where(below, sigma * (1.0 + x * (1.0 - sigma)), slope * (1.0 - tail * tail))
+        below, r = parts(x)
+        tail = 2.0 * r - 1.0
+        value = jnp.where(below, x * r, tail + offset)
+        derivative = jnp.where(below, r * (1.0 + x * (1.0 - r)), slope * (1.0 - tail * tail))
         return value, dx * derivative
 
     return phi
