@@ -340,7 +340,11 @@ def _import_ours():
 
     The test is skipped (not failed) only while ``dpa3_ref.official`` does not exist.
     """
-    if importlib.util.find_spec("dpa3_ref.official") is None:
+    try:
+        missing = importlib.util.find_spec("dpa3_ref.official") is None
+    except ModuleNotFoundError:  # no dpa3_ref package at all
+        missing = True
+    if missing:
         pytest.skip("dpa3_ref.official does not exist yet (ImportError): nothing to compare with")
     from dpa3_ref.official import model_from_dict
 
