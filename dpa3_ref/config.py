@@ -12,6 +12,8 @@ import dataclasses
 import json
 from typing import Any
 
+import numpy as np
+
 from dpa3_ref.activations import get_activation
 from dpa3_ref.errors import Dpa3Error
 
@@ -111,6 +113,19 @@ class DPA3Config:
     @property
     def descriptor_dim(self) -> int:
         return 2 * self.n_dim if self.concat_output_tebd else self.n_dim
+
+    def type_indices(self, types) -> np.ndarray:
+        """Element names (mapped by name onto type_map) or model type indices -> int32 type indices."""
+        types = np.asarray(types)
+        if types.dtype.kind in "US":
+            lookup = {name: index for index, name in enumerate(self.type_map)}
+            unknown = sorted({str(t) for t in types} - set(lookup))
+            if unknown:
+                raise Dpa3Error(f"element(s) {unknown} not in the model's type map {list(self.type_map)}")
+            return np.array([lookup[str(t)] for t in types], dtype=np.int32)
+        if types.dtype.kind not in "iu":
+            raise Dpa3Error(f"types must be element names or integer type indices, got dtype {types.dtype}")
+        return types.astype(np.int32)
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:

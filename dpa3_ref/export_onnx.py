@@ -96,7 +96,7 @@ class OnnxPotential:
         return list(self.config.type_map)
 
     def evaluate(self, coord, types, cell=None) -> dict[str, np.ndarray]:
-        types = Potential.type_indices(self, types)
+        types = self.config.type_indices(types)
         graph = build_graph(np.asarray(coord, dtype=np.float64), types, None if cell is None else np.asarray(cell),
                             self.config, pad=False)
         feeds = {}

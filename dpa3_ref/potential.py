@@ -49,20 +49,13 @@ class Potential:
 
     def type_indices(self, types: Sequence[str] | Sequence[int] | np.ndarray) -> np.ndarray:
         """Element names or model type indices -> model type indices, by name."""
-        types = np.asarray(types)
-        if types.dtype.kind in "US":
-            lookup = {name: index for index, name in enumerate(self.config.type_map)}
-            unknown = sorted({str(t) for t in types} - set(lookup))
-            if unknown:
-                raise Dpa3Error(f"element(s) {unknown} not in the model's type map {self.type_map}")
-            return np.array([lookup[str(t)] for t in types], dtype=np.int32)
-        if types.dtype.kind not in "iu":
-            raise Dpa3Error(f"types must be element names or integer type indices, got dtype {types.dtype}")
-        return types.astype(np.int32)
+        return self.config.type_indices(types)
 
-    def graph(self, coord, types, cell=None) -> Graph:
+    def graph(self, coord, types, cell=None, *, pad: bool = True) -> Graph:
+        """The (by default bucket-padded) graph of one structure."""
         coord = np.asarray(coord, dtype=np.float64)
-        return build_graph(coord, self.type_indices(types), None if cell is None else np.asarray(cell), self.config)
+        cell = None if cell is None else np.asarray(cell)
+        return build_graph(coord, self.type_indices(types), cell, self.config, pad=pad)
 
     def evaluate(self, coord, types, cell=None, case_embd: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Energy (eV), per-atom energy, forces (eV/Å) and virial (eV, deepmd convention) of one structure.
@@ -70,21 +63,11 @@ class Potential:
         coord [n, 3] Å; types: n element names or model type indices; cell [3, 3] with lattice vectors
         as rows, or None for open boundaries; case_embd: the dataset one-hot (default: the model's).
         """
-        graph = self.graph(coord, types, cell)
-        n_atoms = len(np.asarray(coord))
-        case = None if case_embd is None else jnp.asarray(case_embd)
-        out = _compiled_energy_forces_virial(self.model, graph, case)
-        return {
-            "energy": np.asarray(out["energy"][0]),
-            "atom_energy": np.asarray(out["atom_energy"][:n_atoms]),
-            "forces": np.asarray(out["forces"][:n_atoms]),
-            "virial": np.asarray(out["virial"][0]),
-        }
+        return self.evaluate_batch([(coord, types, cell)], case_embd)[0]
 
     def evaluate_batch(self, structures: Sequence[tuple], case_embd: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
         """`evaluate` for several (coord, types, cell) structures in one call (one graph, frames side by side)."""
-        graphs = [build_graph(np.asarray(c, dtype=np.float64), self.type_indices(t), None if b is None else np.asarray(b),
-                              self.config, pad=False) for c, t, b in structures]
+        graphs = [self.graph(coord, types, cell, pad=False) for coord, types, cell in structures]
         graph = pad_to_buckets(batch_graphs(graphs), self.config)
         out = _compiled_energy_forces_virial(self.model, graph, None if case_embd is None else jnp.asarray(case_embd))
         results, start = [], 0
