@@ -32,14 +32,12 @@ def _leaves_by_name(model: DPA3Model) -> dict[str, jax.Array]:
     return {jax.tree_util.keystr(path).lstrip("."): leaf for path, leaf in flat}
 
 
-def save_model(model: DPA3Model, path: str | Path, extra: dict[str, np.ndarray] | None = None) -> None:
-    """Write `model` (and optional extra arrays, e.g. training state) atomically to `path`."""
+def save_model(model: DPA3Model, path: str | Path) -> None:
+    """Write `model` atomically to `path`."""
     path = Path(path)
     arrays = {name: np.asarray(leaf) for name, leaf in _leaves_by_name(model).items()}
     arrays["__format__"] = np.asarray(FORMAT)
     arrays["__config__"] = np.asarray(model.config.to_json())
-    for name, value in (extra or {}).items():
-        arrays[f"__extra__/{name}"] = np.asarray(value)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
@@ -74,8 +72,3 @@ def load_model(path: str | Path) -> DPA3Model:
             leaves.append(jnp.asarray(value, dtype=target.dtype))
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
-
-def read_extra(path: str | Path) -> dict[str, np.ndarray]:
-    """The extra arrays saved beside the model (empty dict if none)."""
-    with np.load(path, allow_pickle=False) as data:
-        return {k.removeprefix("__extra__/"): data[k] for k in data.files if k.startswith("__extra__/")}
