@@ -307,7 +307,7 @@ def _print_ours(ours: list[dict], peak: dict) -> None:
         if "cost_analysis_error" in result:
             print(f"  no FLOP count at {result['n_atoms']} atoms: {result['cost_analysis_error']}")
     print("  first call = jit compilation + one run; median over warm calls; GFLOP (XLA) include the virial")
-    print(f"  from {LARGE_SYSTEM} atoms on the angle work runs in a loop over chunks of atoms, whose body XLA's")
+    print(f"  from {LARGE_SYSTEM} atoms on the layers and the angle work run in loops, whose bodies XLA's")
     print("  cost analysis counts once: there GFLOP and GFLOP/s are lower bounds")
 
 

@@ -55,13 +55,12 @@ class DPA3Descriptor(eqx.Module):
         if not cfg.edge_init_use_dist:
             edge = act(edge)
         angle = self.angle_embedding(angle_input)  # [n_atoms, K, K, a]
-        for layer in self.layers:
-            if is_large(graph.n_atoms):
-                # Rematerialise each layer in the backward pass: only the layer inputs are kept, so memory
-                # grows with atoms, not atoms × layers (the angle tensors dominate: [n_atoms, K, K, ·]).
-                node, edge, angle = jax.checkpoint(lambda f, n, e, a: f(n, e, a, line_graph))(layer, node, edge, angle)
-            else:
-                node, edge, angle = layer(node, edge, angle, line_graph)
+        layers = self.layers
+        if is_large(graph.n_atoms) and len(layers) > 1:
+            node, edge, angle = rematerialised_layers(layers[:-1], node, edge, angle, line_graph)
+            layers = layers[-1:]  # outside the loop XLA drops its unused edge/angle updates
+        for layer in layers:
+            node, edge, angle = layer(node, edge, angle, line_graph)
         return jnp.concatenate([node, tebd], axis=-1) if cfg.concat_output_tebd else node
 
     def geometry(self, edge_vectors: jax.Array, graph: Graph) -> tuple[LineGraph, jax.Array, jax.Array]:
@@ -96,6 +95,22 @@ class DPA3Descriptor(eqx.Module):
             angle_switch=angle_switch,
         )
         return line_graph, edge_input, angle_input
+
+
+def rematerialised_layers(layers: list[RepFlowLayer], node, edge, angle, line_graph: LineGraph):
+    """The layers one after the other, as a loop (`lax.scan`) over their stacked weights whose body is
+    rematerialised in the backward pass: only each layer's inputs (node, edge, angle) are kept, so memory
+    grows with the atoms, not atoms × layers. (The loop matters: unrolled, XLA's common-subexpression
+    elimination on CPU merges the recomputation with the forward pass and keeps everything.)"""
+    weights = jax.tree.map(lambda *w: jnp.stack(w), *[eqx.filter(layer, eqx.is_array) for layer in layers])
+    structure = eqx.filter(layers[0], eqx.is_array, inverse=True)
+
+    @jax.checkpoint
+    def step(features, layer_weights):
+        return eqx.combine(layer_weights, structure)(*features, line_graph), None
+
+    (node, edge, angle), _ = jax.lax.scan(step, (node, edge, angle), weights)
+    return node, edge, angle
 
 
 def init_descriptor(config: DPA3Config, *, key: jax.Array) -> DPA3Descriptor:

@@ -56,7 +56,7 @@ def segment_sum(values: jax.Array, segment_ids: jax.Array, num_segments: int) ->
 
 
 ATOMS_PER_CHUNK = 64
-LARGE_SYSTEM = 512  # atoms; from here on, memory is saved at the price of ~50 % more compute
+LARGE_SYSTEM = 512  # atoms; from here on, memory is saved at the price of more compute (descriptor.py)
 
 
 def is_large(n_atoms) -> bool:
@@ -74,7 +74,7 @@ def over_atoms(fn, *per_atom: jax.Array):
         return fn(*per_atom)
     chunks = [x.reshape(n_atoms // ATOMS_PER_CHUNK, ATOMS_PER_CHUNK, *x.shape[1:]) for x in per_atom]
     out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), chunks)
-    return out.reshape(n_atoms, *out.shape[2:])
+    return jax.tree.map(lambda y: y.reshape(n_atoms, *y.shape[2:]), out)
 
 
 def symmetrise(features: jax.Array, graph: LineGraph, edge_norm: float, axis_neuron: int) -> jax.Array:
@@ -109,22 +109,19 @@ class RepFlowLayer(eqx.Module):
         if self.config.sequential_update:
             return self._sequential(node, edge, angle, graph)
         edge_updates = [self.edge_self_update(node, edge, graph)]  # (E1)
-        angle_updates = []
+        angle_new = angle
         if self.config.update_angle:
-            node_for_angle, edge_block = self.angle_inputs(node, edge, graph)
-            edge_updates.append(self.angle_to_edge(angle, node_for_angle, edge_block, edge, graph))  # (E2)
-            angle_updates.append(self.angle_self_update(angle, node_for_angle, edge_block))  # (A1)
+            reduced, angle_new = self.angle_terms(angle, node, edge, graph)  # (E2) ρ_ij, (A1)
+            edge_updates.append(self.angle_to_edge(reduced, edge, graph))  # (E2)
         node_new = self.combine(node, self.node_updates(node, edge, graph), self.node_residual)
         edge_new = self.combine(edge, edge_updates, self.edge_residual)
-        angle_new = self.combine(angle, angle_updates, self.angle_residual)
         return node_new, edge_new, angle_new
 
     def _sequential(self, node, edge, angle, graph):
         """spec §5.8: edge self → angle self → angle → edge → node, each using the newest inputs."""
         edge = edge + self.edge_residual[0] * self.edge_self_update(node, edge, graph)
-        node_for_angle, edge_block = self.angle_inputs(node, edge, graph)
-        angle = angle + self.angle_residual[0] * self.angle_self_update(angle, node_for_angle, edge_block)
-        edge = edge + self.edge_residual[1] * self.angle_to_edge(angle, node_for_angle, edge_block, edge, graph)
+        reduced, angle = self.angle_terms(angle, node, edge, graph)
+        edge = edge + self.edge_residual[1] * self.angle_to_edge(reduced, edge, graph)
         node = self.combine(node, self.node_updates(node, edge, graph), self.node_residual)
         return node, edge, angle
 
@@ -181,28 +178,36 @@ class RepFlowLayer(eqx.Module):
         per_k = edge_block @ w_edge_k  # [atoms, K, n_out]
         return angle @ w_angle + per_j[:, :, None, :] + per_k[:, None, :, :]
 
-    def angle_to_edge(self, angle, node_for_angle, edge_block, edge, graph: LineGraph) -> jax.Array:
-        """(E2) w2_ij: reduce the angle messages of edge ij over k."""  # [n_edge, e]
+    def angle_terms(self, angle, node, edge, graph: LineGraph) -> tuple[jax.Array, jax.Array]:
+        """(E2) ρ_ij per angle neighbour [n_atoms, K, e] and (A1) the updated angles [n_atoms, K, K, a]."""
         cfg, act = self.config, get_activation(self.config.activation_function)
+        node_for_angle, edge_block = self.angle_inputs(node, edge, graph)
 
-        def reduce_over_k(angle, node_for_angle, edge_block, switch):  # [atoms, K, e]
-            message = act(self.angle_linear(self.edge_angle_1, angle, node_for_angle, edge_block))
+        def reduce_over_k(message, switch):  # [atoms, K, K, e] -> [atoms, K, e]
             weight = switch[:, :, None] * switch[:, None, :]  # [atoms, K, K]
             return jnp.sum(message * weight[..., None], axis=2) / math.sqrt(cfg.angle_norm)
 
-        reduced = over_atoms(reduce_over_k, angle, node_for_angle, edge_block, graph.angle_switch)  # [n_atoms, K, e]
+        def per_atoms(angle, node_for_angle, edge_block, switch):  # everything here is per atom: chunkable
+            update = act(self.angle_linear(self.angle_self, angle, node_for_angle, edge_block))  # (A1)
+            if cfg.sequential_update:  # the message sees the updated angle (spec §5.8)
+                angle_new = angle + self.angle_residual[0] * update
+                message = act(self.angle_linear(self.edge_angle_1, angle_new, node_for_angle, edge_block))
+            else:
+                angle_new = self.combine(angle, [update], self.angle_residual)
+                message = act(self.angle_linear(self.edge_angle_1, angle, node_for_angle, edge_block))
+            return reduce_over_k(message, switch), angle_new
+
+        return over_atoms(per_atoms, angle, node_for_angle, edge_block, graph.angle_switch)
+
+    def angle_to_edge(self, reduced, edge, graph: LineGraph) -> jax.Array:
+        """(E2) w2_ij from ρ_ij."""  # [n_edge, e]
+        cfg, act = self.config, get_activation(self.config.activation_function)
         reduced = segment_sum(  # back from the angle table to the edge list: [n_edge, e]
             reduced.reshape(-1, reduced.shape[-1]), graph.angle_edge.reshape(-1), edge.shape[0]
         )
         if not cfg.smooth_edge_update:  # legacy "self padding": edges off the angle list see themselves
             reduced = jnp.where(graph.edge_in_angle[:, None], reduced, edge)
         return act(self.edge_angle_2(reduced))
-
-    def angle_self_update(self, angle, node_for_angle, edge_block) -> jax.Array:
-        act = get_activation(self.config.activation_function)
-        return over_atoms(  # (A1) [n_atoms, K, K, a]
-            lambda a, n, e: act(self.angle_linear(self.angle_self, a, n, e)), angle, node_for_angle, edge_block
-        )
 
     # ------------------------------------------------------------------ residual update
     def combine(self, x: jax.Array, updates: list[jax.Array], residuals: list[jax.Array]) -> jax.Array:
