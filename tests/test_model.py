@@ -192,7 +192,11 @@ def test_errors_name_the_problem(tiny, tmp_path):
         dpa3_ref.load(tmp_path / "other.yaml")
 
 
-@pytest.mark.parametrize("variant", [{}, {"nlayers": 4}, {"nlayers": 3, "sequential_update": True}])
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"nlayers": 4}, {"nlayers": 3, "sequential_update": True},
+     {"nlayers": 3, "update_angle": False, "update_style": "res_avg"}],
+)
 def test_memory_saving_path_for_large_systems_gives_the_same_numbers(variant, monkeypatch):
     """Large systems loop over rematerialised layers and chunk the angle work; that must not change any number."""
     import dpa3_ref.repflow
