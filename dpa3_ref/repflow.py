@@ -216,8 +216,6 @@ class RepFlowLayer(eqx.Module):
             return x + sum((r * u for r, u in zip(residuals, updates, strict=True)), jnp.zeros_like(x))
         if style == "res_avg":
             return (x + sum(updates, jnp.zeros_like(x))) / math.sqrt(len(updates) + 1)
-        if not updates:  # res_incr with nothing to add
-            return x
         return x + sum(updates, jnp.zeros_like(x)) / math.sqrt(len(updates))
 
 

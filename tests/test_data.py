@@ -8,9 +8,8 @@ import pytest
 
 from dpa3_ref.data import System, find_systems, read_system
 from dpa3_ref.errors import Dpa3Error
+from tests.shared_paths import SHARED, needs_shared
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared datasets not found at {SHARED}")
 WATER = SHARED / "data" / "water"
 MOLECULES = SHARED / "data" / "nopbc_molecules"
 

@@ -8,24 +8,13 @@ import pytest
 
 from dpa3_ref.data import System, read_system
 from dpa3_ref.evaluate import rmse_report, write_npz_atomically
+from tests.shared_paths import SHARED, needs_shared
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REFERENCE = SHARED / "reference" / "water_small_f64"
 WATER_0 = SHARED / "data" / "water" / "data_0"
 
-try:
-    import dpa3_ref.potential  # noqa: F401
-
-    MODEL_AVAILABLE = True
-except ImportError:
-    MODEL_AVAILABLE = False
-
-needs_model = pytest.mark.skipif(not MODEL_AVAILABLE, reason="model not available yet")
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared models and datasets not found at {SHARED}")
-
 
 # --------------------------------------------------------------------------- end to end, official numbers
-@needs_model
 @needs_shared
 def test_eval_matches_official_water_reference(tmp_path, capsys):
     from dpa3_ref.cli import main
@@ -52,7 +41,6 @@ def test_eval_matches_official_water_reference(tmp_path, capsys):
     assert "Energy RMSE/Natoms" in printed and "Force  RMSE" in printed and "Virial" not in printed
 
 
-@needs_model
 @needs_shared
 def test_eval_names_an_element_the_model_does_not_know(tmp_path, capsys):
     from dpa3_ref.cli import main

@@ -13,7 +13,7 @@ import pytest
 from dpa3_ref import DPA3Config, Potential
 from dpa3_ref.invariance import from_dpa3, pytest_properties
 from dpa3_ref.model import cast_model
-from tests.shared_paths import REFERENCE, SHARED
+from tests.shared_paths import REFERENCE, skip_without_shared
 
 SMALL = DPA3Config(
     type_map=("H", "C", "O"), n_dim=8, e_dim=6, a_dim=4, nlayers=2, e_rcut=4.0, e_rcut_smth=3.0, e_sel=60,
@@ -37,8 +37,7 @@ test_official_model = pytest_properties(
 
 
 def _official():
-    if not SHARED.is_dir():
-        pytest.skip(f"shared reference material not found at {SHARED}")
+    skip_without_shared()
     return _load_official()
 
 

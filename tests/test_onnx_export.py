@@ -14,7 +14,7 @@ import pytest
 
 from dpa3_ref.cli import main
 from dpa3_ref.invariance import from_onnx, pytest_properties
-from tests.shared_paths import REFERENCE, SHARED, needs_shared
+from tests.shared_paths import REFERENCE, needs_shared, skip_without_shared
 
 pytest.importorskip("jax2onnx")
 pytest.importorskip("onnxruntime")
@@ -30,8 +30,7 @@ def _exported() -> str:
 
 @pytest.fixture(scope="module")
 def onnx_file():
-    if not SHARED.is_dir():
-        pytest.skip(f"shared reference material not found at {SHARED}")
+    skip_without_shared()
     return _exported()
 
 
@@ -59,8 +58,7 @@ def test_onnx_errors_are_clear(tmp_path):
 
 
 def _onnx_potential():
-    if not SHARED.is_dir():
-        pytest.skip(f"shared reference material not found at {SHARED}")
+    skip_without_shared()
     return _onnx_adapted()
 
 
