@@ -33,7 +33,7 @@ import numpy as np
 
 from dpa3_ref.data import read_system
 from dpa3_ref.errors import Dpa3Error
-from dpa3_ref.repflow import LARGE_SYSTEM
+from dpa3_ref.descriptor import LARGE_SYSTEM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WATER = REPO_ROOT.parent / "shared" / "data" / "water" / "data_0"
@@ -307,7 +307,7 @@ def _print_ours(ours: list[dict], peak: dict) -> None:
         if "cost_analysis_error" in result:
             print(f"  no FLOP count at {result['n_atoms']} atoms: {result['cost_analysis_error']}")
     print("  first call = jit compilation + one run; median over warm calls; GFLOP (XLA) include the virial")
-    print(f"  from {LARGE_SYSTEM} atoms on the layers and the angle work run in loops, whose bodies XLA's")
+    print(f"  from {LARGE_SYSTEM} atoms on, each layer runs in a loop over blocks of atoms, whose body XLA's")
     print("  cost analysis counts once: there GFLOP and GFLOP/s are lower bounds")
 
 

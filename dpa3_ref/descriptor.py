@@ -6,11 +6,17 @@
     (n, e, a)^{l+1} = RepFlowLayer_l((n, e, a)^l)
     D_i = n_i^L                           ([n_i^L; T_{t_i}] with concat_output_tebd)
 
-The descriptor sees the graph only through edge vectors r_ij [n_edge, 3] (an argument, so that forces and
-virial are one gradient away, see model.py) and the index arrays of `Graph`.
+The descriptor sees the graph only through edge vectors r_ij [n_atoms, M, 3] (an argument, so that forces
+and virial are one gradient away, see model.py) and the index and mask arrays of `Graph`.
+
+Large systems run each layer a block of atoms at a time (`blockwise`), and the backward pass recomputes a
+block's forward instead of keeping it: memory then grows with the atoms and the layer inputs only, and a
+block's temporaries stay in cache.
 """
 
 from __future__ import annotations
+
+import functools
 
 import equinox as eqx
 import jax
@@ -20,8 +26,17 @@ from dpa3_ref.activations import get_activation
 from dpa3_ref.config import DPA3Config
 from dpa3_ref.neighbors import Graph
 from dpa3_ref.nn import Layer, has_skip, init_layer
-from dpa3_ref.repflow import LineGraph, RepFlowLayer, init_repflow_layer, is_large
+from dpa3_ref.repflow import LineGraph, RepFlowLayer, first_columns, init_repflow_layer, widen_columns
 from dpa3_ref.switch import cosine_input, safe_length, switch
+
+
+ATOMS_PER_BLOCK = 64
+LARGE_SYSTEM = 512  # atoms; from here on, memory is saved at the price of more compute
+
+
+def is_large(n_atoms) -> bool:
+    """Whether to take the blockwise path. A symbolic size (ONNX export: any size) takes the plain one."""
+    return isinstance(n_atoms, int) and n_atoms >= LARGE_SYSTEM and n_atoms % ATOMS_PER_BLOCK == 0
 
 
 class DPA3Descriptor(eqx.Module):
@@ -51,66 +66,70 @@ class DPA3Descriptor(eqx.Module):
         type_index = jnp.where(graph.types < 0, cfg.ntypes, graph.types)
         tebd = self.type_table()[type_index]  # [n_atoms, n]
         node = act(tebd)  # [n_atoms, n]
-        edge = self.edge_embedding(edge_input)  # [n_edge, e]
+        edge = self.edge_embedding(edge_input)  # [n_atoms, M, e]
         if not cfg.edge_init_use_dist:
             edge = act(edge)
-        angle = self.angle_embedding(angle_input)  # [n_atoms, K, K, a]
-        layers = self.layers
-        if is_large(graph.n_atoms) and len(layers) > 1:
-            node, edge, angle = rematerialised_layers(layers[:-1], node, edge, angle, line_graph)
-            layers = layers[-1:]  # outside the loop XLA drops its unused edge/angle updates
-        for layer in layers:
-            node, edge, angle = layer(node, edge, angle, line_graph)
+        angle = angle_input  # [n_atoms, K, K, 1]: the first layer embeds it, 32× less to keep than a⁰
+        run = blockwise if is_large(graph.n_atoms) else (lambda step, *rows: step(*rows))
+        for index, layer in enumerate(self.layers):
+            tables = layer.neighbor_tables(node)
+            node, edge, angle = run(functools.partial(self.layer_step, index, tables), node, edge, angle, line_graph)
         return jnp.concatenate([node, tebd], axis=-1) if cfg.concat_output_tebd else node
+
+    def layer_step(self, index: int, tables, node, edge, angle, line_graph: LineGraph):
+        """Layer `index` on a block of atoms, computing only what the layers after it use."""
+        if index == 0:
+            angle = self.angle_embedding(angle)  # a⁰ = W_ae x^a  [atoms, K, K, a]
+        layer, n_after = self.layers[index], len(self.layers) - 1 - index
+        if n_after == 0:  # the last layer: only the descriptor n^L
+            return layer.update(tables, node, edge, angle, line_graph, node_only=True), None, None
+        node, edge, angle = layer.update(tables, node, edge, angle, line_graph)
+        if n_after == 1 and not self.config.sequential_update:  # the last layer's node update needs no angles
+            angle = None
+        return node, edge, angle
 
     def geometry(self, edge_vectors: jax.Array, graph: Graph) -> tuple[LineGraph, jax.Array, jax.Array]:
         """Switches, h_ij and the scalar edge/angle inputs from the edge vectors (spec §2)."""
         cfg = self.config
-        mask = graph.edge_mask
-        length = safe_length(edge_vectors, mask)  # [n_edge], 1 on padding
-        vectors = edge_vectors * mask[:, None]  # [n_edge, 3], 0 on padding
-        edge_switch = switch(length, cfg.e_rcut_smth, cfg.e_rcut, cfg.use_exp_switch) * mask  # [n_edge]
+        mask = graph.neighbor_mask  # [n_atoms, M]
+        length = safe_length(edge_vectors, mask)  # [n_atoms, M], 1 on padding
+        vectors = edge_vectors * mask[..., None]  # [n_atoms, M, 3], 0 on padding
+        edge_switch = switch(length, cfg.e_rcut_smth, cfg.e_rcut, cfg.use_exp_switch) * mask  # [n_atoms, M]
         inverse = 1.0 / (length + cfg.env_protection)
-        environment = jnp.concatenate([inverse[:, None], vectors * (inverse**2)[:, None]], axis=-1)
-        environment = environment * edge_switch[:, None]  # R_ij [n_edge, 4]
-        center_type = jnp.maximum(graph.types[graph.edge_center], 0)
-        environment = (environment - self.davg[center_type, graph.edge_slot]) / self.dstd[center_type, graph.edge_slot]
+        environment = jnp.concatenate([inverse[..., None], vectors * (inverse**2)[..., None]], axis=-1)
+        environment = environment * edge_switch[..., None]  # R_ij [n_atoms, M, 4]
+        center_type = jnp.maximum(graph.types, 0)[:, None]  # [n_atoms, 1]; davg/dstd are per type and slot:
+        slot = jnp.cumsum(jnp.ones_like(mask, jnp.int32), axis=1) - 1  # [n_atoms, M] column index (any M, even symbolic)
+        environment = (environment - self.davg[center_type, slot]) / self.dstd[center_type, slot]
 
-        in_angle = graph.edge_in_angle & mask
-        angle_mask = graph.angle_mask  # [n_atoms, K]
-        angle_switch = switch(length, cfg.a_rcut_smth, cfg.a_rcut, cfg.use_exp_switch)[graph.angle_edge] * angle_mask
-        unit = vectors / (length + 1e-6)[:, None]  # [n_edge, 3]
-        unit_block = unit[graph.angle_edge] * angle_mask[..., None]  # [n_atoms, K, 3]
-        angle_input = cosine_input(unit_block)  # [n_atoms, K, K, 1]
+        angle_mask = graph.angle_mask  # [n_atoms, K]; the angle neighbours are the first K columns
+        angle_length = first_columns(length[..., None], angle_mask)[..., 0]  # [n_atoms, K]
+        angle_switch = switch(angle_length, cfg.a_rcut_smth, cfg.a_rcut, cfg.use_exp_switch) * angle_mask
+        unit = first_columns(vectors, angle_mask) / (angle_length + 1e-6)[..., None]  # [n_atoms, K, 3]
+        angle_input = cosine_input(unit * angle_mask[..., None])  # [n_atoms, K, K, 1]
 
-        edge_input = (length * mask)[:, None] if cfg.edge_init_use_dist else environment[:, :1]  # [n_edge, 1]
+        edge_input = (length * mask)[..., None] if cfg.edge_init_use_dist else environment[..., :1]  # [n_atoms, M, 1]
         line_graph = LineGraph(
-            n_atoms=graph.n_atoms,
-            edge_center=graph.edge_center,
-            edge_neighbor=graph.edge_neighbor,
-            edge_in_angle=in_angle,
+            neighbors=graph.neighbors,
             edge_switch=edge_switch,
-            edge_h=environment[:, 1:],
-            angle_edge=graph.angle_edge,
+            edge_h=environment[..., 1:],
+            edge_in_angle=widen_columns(angle_mask[..., None].astype(length.dtype), mask)[..., 0] > 0.5,
             angle_switch=angle_switch,
         )
         return line_graph, edge_input, angle_input
 
 
-def rematerialised_layers(layers: list[RepFlowLayer], node, edge, angle, line_graph: LineGraph):
-    """The layers one after the other, as a loop (`lax.scan`) over their stacked weights whose body is
-    rematerialised in the backward pass: only each layer's inputs (node, edge, angle) are kept, so memory
-    grows with the atoms, not atoms × layers. (The loop matters: unrolled, XLA's common-subexpression
-    elimination on CPU merges the recomputation with the forward pass and keeps everything.)"""
-    weights = jax.tree.map(lambda *w: jnp.stack(w), *[eqx.filter(layer, eqx.is_array) for layer in layers])
-    structure = eqx.filter(layers[0], eqx.is_array, inverse=True)
+def blockwise(step, *rows):
+    """step(*rows) for blocks of ATOMS_PER_BLOCK atoms (rows: arrays or pytrees of arrays with one row per
+    atom) in turn, as a loop (`lax.map`), each block rematerialised in the backward pass: only the inputs
+    are kept, and one block's temporaries exist at a time. Numerically the same as step(*rows)."""
+    n_atoms = jax.tree.leaves(rows)[0].shape[0]
 
-    @jax.checkpoint
-    def step(features, layer_weights):
-        return eqx.combine(layer_weights, structure)(*features, line_graph), None
+    def as_blocks(x):
+        return x.reshape(n_atoms // ATOMS_PER_BLOCK, ATOMS_PER_BLOCK, *x.shape[1:])
 
-    (node, edge, angle), _ = jax.lax.scan(step, (node, edge, angle), weights)
-    return node, edge, angle
+    out = jax.lax.map(jax.checkpoint(lambda blocks: step(*blocks)), jax.tree.map(as_blocks, rows))
+    return jax.tree.map(lambda y: y.reshape(n_atoms, *y.shape[2:]), out)
 
 
 def init_descriptor(config: DPA3Config, *, key: jax.Array) -> DPA3Descriptor:

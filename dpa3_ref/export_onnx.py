@@ -1,12 +1,12 @@
 """ONNX export: the model, its forces and its virial as one onnxruntime graph (first version).
 
 The exported function is `model.energy_forces_virial` itself, traced by jax2onnx with symbolic sizes
-(N atoms, E edges, K angle-table width), so one file serves every system size. Inputs are the arrays of
-a single-frame `Graph` (neighbors.py), unpadded; integer arrays are int64 (jax2onnx mixes int32 index
-arithmetic with int64 constants otherwise, which onnxruntime refuses):
+(N atoms, M neighbour-table width, K angle neighbours), so one file serves every system size. Inputs are
+the arrays of a single-frame `Graph` (neighbors.py), unpadded; integer arrays are int64 (jax2onnx mixes
+int32 index arithmetic with int64 constants otherwise, which onnxruntime refuses):
 
-    positions [N, 3] f64, types [N] i64, edge_center [E] i64, edge_neighbor [E] i64, edge_shift [E, 3] f64,
-    edge_slot [E] i64, edge_mask [E] bool, edge_in_angle [E] bool, angle_edge [N, K] i64, angle_mask [N, K] bool
+    positions [N, 3] f64, types [N] i64, neighbors [N, M] i64, neighbor_shift [N, M, 3] f64,
+    neighbor_mask [N, M] bool, angle_mask [N, K] bool
     -> energy [1] f64, atom_energy [N] f64, forces [N, 3] f64, virial [1, 3, 3] f64
 
 The model config (type map, cutoffs, selection sizes) is stored as JSON in the file's metadata under
@@ -31,13 +31,9 @@ from dpa3_ref.potential import Potential
 INPUTS = {  # name -> (symbolic shape, dtype)
     "positions": (("N", 3), jnp.float64),
     "types": (("N",), jnp.int64),
-    "edge_center": (("E",), jnp.int64),
-    "edge_neighbor": (("E",), jnp.int64),
-    "edge_shift": (("E", 3), jnp.float64),
-    "edge_slot": (("E",), jnp.int64),
-    "edge_mask": (("E",), jnp.bool_),
-    "edge_in_angle": (("E",), jnp.bool_),
-    "angle_edge": (("N", "K"), jnp.int64),
+    "neighbors": (("N", "M"), jnp.int64),
+    "neighbor_shift": (("N", "M", 3), jnp.float64),
+    "neighbor_mask": (("N", "M"), jnp.bool_),
     "angle_mask": (("N", "K"), jnp.bool_),
 }
 OUTPUTS = ("energy", "atom_energy", "forces", "virial")

@@ -2,10 +2,11 @@
 
     E = Σ_i E_i,   E_i = fitting(descriptor(r))_i + out_bias[t_i]      (reduction in float64)
 
-The model is a function of the edge vectors r_e = x_j − x_i + shift_e only. With g_e = ∂E/∂r_e:
+The model is a function of the edge vectors r_im = x_j − x_i + shift_im only (j = neighbors[i, m]).
+With g_im = ∂E/∂r_im:
 
-    F_i = −∂E/∂x_i = Σ_{e: centre i} g_e − Σ_{e: neighbour i} g_e
-    W   = −Σ_e g_e ⊗ r_e        (W_kl = −Σ_e g_ek r_el; deepmd-kit's virial, eV, not divided by volume)
+    F_i = −∂E/∂x_i = Σ_m g_im − Σ_{(a, m): neighbors[a, m] = i} g_am
+    W   = −Σ_{i, m} g_im ⊗ r_im   (W_kl = −Σ g_k r_l; deepmd-kit's virial, eV, not divided by volume)
 
 which equals deepmd's Σ_a F_a ⊗ x_a over extended atoms and −(∂E/∂ε)ᵀ for a strain x → x(I + ε).
 Differentiating with respect to edge vectors (rather than positions and a strain) is what also works
@@ -38,8 +39,8 @@ class DPA3Model(eqx.Module):
 
 
 def edge_vectors(graph: Graph) -> jax.Array:
-    """r_ij = x_j − x_i + shift for every edge."""  # [n_edge, 3]
-    return graph.positions[graph.edge_neighbor] - graph.positions[graph.edge_center] + graph.edge_shift
+    """r_ij = x_j − x_i + shift for every cell of the neighbour table."""  # [n_atoms, M, 3]
+    return graph.positions[graph.neighbors] - graph.positions[:, None, :] + graph.neighbor_shift
 
 
 def frame_energies(atom_energy: jax.Array, graph: Graph) -> jax.Array:
@@ -54,13 +55,11 @@ def energy_forces_virial(model: DPA3Model, graph: Graph, case_embd: jax.Array | 
         atom_energy = model.atom_energies(r, graph, case_embd)
         return jnp.sum(atom_energy), atom_energy
 
-    (_, atom_energy), g = jax.value_and_grad(total_energy, has_aux=True)(vectors)  # g: [n_edge, 3]
-    forces = jax.ops.segment_sum(g, graph.edge_center, graph.n_atoms) - jax.ops.segment_sum(
-        g, graph.edge_neighbor, graph.n_atoms
-    )  # [n_atoms, 3]
-    edge_virial = -(g[:, :, None] * vectors[:, None, :])  # [n_edge, 3, 3]
-    edge_frame = graph.atom_frame[graph.edge_center]
-    virial = jax.ops.segment_sum(edge_virial, edge_frame, num_segments=graph.n_frames)  # [n_frames, 3, 3]
+    (_, atom_energy), g = jax.value_and_grad(total_energy, has_aux=True)(vectors)  # g: [n_atoms, M, 3]
+    pulled_by_neighbors = jax.ops.segment_sum(g.reshape(-1, 3), graph.neighbors.reshape(-1), graph.n_atoms)
+    forces = jnp.sum(g, axis=1) - pulled_by_neighbors  # [n_atoms, 3]
+    atom_virial = -jnp.sum(g[..., :, None] * vectors[..., None, :], axis=1)  # [n_atoms, 3, 3]
+    virial = jax.ops.segment_sum(atom_virial, graph.atom_frame, num_segments=graph.n_frames)  # [n_frames, 3, 3]
     return {
         "energy": frame_energies(atom_energy, graph),
         "atom_energy": atom_energy,

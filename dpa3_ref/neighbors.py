@@ -9,14 +9,16 @@ distance, nearest first. DPA3's selection rule then keeps
   * angles: every ordered pair (j, k) of the first `a_sel` edges of i with r_ij < a_rcut, the diagonal
     j = k included (deepmd-kit includes it, so must we).
 
-The result is a `Graph`: edges as flat index arrays, and the angle neighbours of each atom as a small
-table `angle_edge[i, :]` of edge indices, so that the angles of atom i are the K × K block
-(angle_edge[i, j], angle_edge[i, k]). The block layout turns the per-angle gathers and scatters (slow,
-and most of the work: angles outnumber edges ~8:1) into broadcasts and sums over an axis.
+The result is a `Graph` in deepmd-kit's layout: a neighbour table with one row per atom, nearest first
+(`neighbors[i, m]` is i's m-th nearest neighbour, so the column m is also the slot that indexes davg/dstd).
+Edges are the table's cells, so a sum over an atom's edges is a sum over an axis. Because the angle
+neighbours are the nearest ones, they are the first K columns, and the angles of atom i are the K × K
+block of pairs of those columns: no index table at all. Rows are independent of each other except through
+the neighbour index, which is what lets a large system be computed a block of atoms at a time.
 Everything downstream is cell-free: an edge carries its periodic image shift, so periodic crystals,
 open clusters and host codes with ghost atoms look alike. Arrays are padded to a few bucket sizes so
-that `jit` compiles once per bucket, not once per frame; padded atoms have type -1 and padded edges
-and angle slots a False mask.
+that `jit` compiles once per bucket, not once per frame; padded atoms have type -1 and padded cells a
+False mask.
 """
 
 from __future__ import annotations
@@ -36,19 +38,16 @@ MIN_DISTANCE = 1e-4  # Å; closer pairs are "two atoms at the same position"
 
 
 class Graph(eqx.Module):
-    """Atoms, edges and angles of one or more frames. r_ij = positions[j] - positions[i] + edge_shift."""
+    """Atoms and their neighbour table, for one or more frames. Row i, column m is i's m-th nearest
+    neighbour: r_im = positions[neighbors[i, m]] - positions[i] + neighbor_shift[i, m]."""
 
     positions: jax.Array  # [n_atoms, 3] Cartesian, Å
     types: jax.Array  # [n_atoms] int, model type index; -1 = padding atom
     atom_frame: jax.Array  # [n_atoms] int, frame of each atom
-    edge_center: jax.Array  # [n_edges] int, i
-    edge_neighbor: jax.Array  # [n_edges] int, j (the atom whose image is the neighbour)
-    edge_shift: jax.Array  # [n_edges, 3] Cartesian image shift (shift_integers @ cell)
-    edge_slot: jax.Array  # [n_edges] int, rank of j in i's distance-sorted list (indexes davg/dstd)
-    edge_mask: jax.Array  # [n_edges] bool, real edge
-    edge_in_angle: jax.Array  # [n_edges] bool, j is one of i's angle neighbours
-    angle_edge: jax.Array  # [n_atoms, K] int, edge index of i's k-th angle neighbour (0 on padding)
-    angle_mask: jax.Array  # [n_atoms, K] bool, real angle neighbour
+    neighbors: jax.Array  # [n_atoms, M] int, atom index j of the neighbour (0 on padding)
+    neighbor_shift: jax.Array  # [n_atoms, M, 3] Cartesian image shift (shift_integers @ cell)
+    neighbor_mask: jax.Array  # [n_atoms, M] bool, real edge
+    angle_mask: jax.Array  # [n_atoms, K] bool, neighbour m < K is one of i's angle neighbours
     n_frames: int = eqx.field(static=True, default=1)
 
     @property
@@ -56,12 +55,12 @@ class Graph(eqx.Module):
         return self.positions.shape[0]
 
     @property
-    def n_edges(self) -> int:
-        return self.edge_center.shape[0]
+    def max_neighbors(self) -> int:
+        return self.neighbors.shape[1]
 
     @property
     def max_angle_neighbors(self) -> int:
-        return self.angle_edge.shape[1]
+        return self.angle_mask.shape[1]
 
 
 def check_structure(positions: np.ndarray, types: np.ndarray, cell: np.ndarray | None, ntypes: int) -> None:
@@ -146,73 +145,55 @@ def build_graph(
         kept = ~np.fromiter((p in excluded for p in pair_types), bool, count=center.size)
         center, neighbor, image, distance, slot = (a[kept] for a in (center, neighbor, image, distance, slot))
     in_angle = (slot < config.a_sel) & (distance < config.a_rcut)
-    angle_edge, angle_mask = _angle_table(center, in_angle, n_atoms)
 
-    shift = image @ cell if cell is not None else np.zeros((center.size, 3))
+    width = max(1, int(slot.max(initial=-1)) + 1)  # M: the longest row
+    angle_width = max(1, int(slot[in_angle].max(initial=-1)) + 1)  # K: angle neighbours are a prefix
+    neighbors = np.zeros((n_atoms, width), np.int32)
+    neighbor_shift = np.zeros((n_atoms, width, 3))
+    neighbor_mask = np.zeros((n_atoms, width), bool)
+    angle_mask = np.zeros((n_atoms, angle_width), bool)
+    neighbors[center, slot] = neighbor
+    neighbor_shift[center, slot] = image @ cell if cell is not None else 0.0
+    neighbor_mask[center, slot] = True
+    angle_mask[center[in_angle], slot[in_angle]] = True
     graph = Graph(
         positions=positions,
         types=types.astype(np.int32),
         atom_frame=np.zeros(n_atoms, np.int32),
-        edge_center=center.astype(np.int32),
-        edge_neighbor=neighbor.astype(np.int32),
-        edge_shift=shift,
-        edge_slot=slot.astype(np.int32),
-        edge_mask=np.ones(center.size, bool),
-        edge_in_angle=in_angle,
-        angle_edge=angle_edge,
+        neighbors=neighbors,
+        neighbor_shift=neighbor_shift,
+        neighbor_mask=neighbor_mask,
         angle_mask=angle_mask,
     )
     return pad_to_buckets(graph, config) if pad else graph
 
 
-def _angle_table(center: np.ndarray, in_angle: np.ndarray, n_atoms: int) -> tuple[np.ndarray, np.ndarray]:
-    """Edge indices of each atom's angle neighbours, nearest first: [n_atoms, K] and its mask."""
-    angle_edges = np.flatnonzero(in_angle)  # sorted by centre, nearest first
-    owner = center[angle_edges]
-    count = np.bincount(owner, minlength=n_atoms)
-    width = max(1, int(count.max(initial=0)))
-    rank = np.arange(angle_edges.size) - np.searchsorted(owner, owner)  # position within the owner's list
-    table = np.zeros((n_atoms, width), np.int32)
-    mask = np.zeros((n_atoms, width), bool)
-    table[owner, rank] = angle_edges
-    mask[owner, rank] = True
-    return table, mask
-
-
 def batch_graphs(graphs: list[Graph]) -> Graph:
-    """Several unpadded frames as one graph (a disjoint union): indices offset, `atom_frame` = frame number."""
+    """Several unpadded frames as one graph (a disjoint union): neighbour indices offset, `atom_frame` = frame."""
     atom_offsets = np.cumsum([0] + [g.n_atoms for g in graphs[:-1]])
-    edge_offsets = np.cumsum([0] + [g.n_edges for g in graphs[:-1]])
-    width = max(g.max_angle_neighbors for g in graphs)
+    width = max(g.max_neighbors for g in graphs)
+    angle_width = max(g.max_angle_neighbors for g in graphs)
+    widened = [pad_graph(g, g.n_atoms, width, angle_width) for g in graphs]
 
-    def cat(name, offsets=None):
-        parts = [np.asarray(getattr(g, name)) for g in graphs]
-        if offsets is not None:
-            parts = [part + offset for part, offset in zip(parts, offsets, strict=True)]
-        return np.concatenate(parts)
-
-    def widen(array, value):
-        return np.pad(np.asarray(array), [(0, 0), (0, width - array.shape[1])], constant_values=value)
+    def cat(name):
+        return np.concatenate([np.asarray(getattr(g, name)) for g in widened])
 
     return Graph(
         positions=cat("positions"),
         types=cat("types"),
         atom_frame=np.concatenate([np.full(g.n_atoms, k, np.int32) for k, g in enumerate(graphs)]),
-        edge_center=cat("edge_center", atom_offsets).astype(np.int32),
-        edge_neighbor=cat("edge_neighbor", atom_offsets).astype(np.int32),
-        edge_shift=cat("edge_shift"),
-        edge_slot=cat("edge_slot"),
-        edge_mask=cat("edge_mask"),
-        edge_in_angle=cat("edge_in_angle"),
-        angle_edge=np.concatenate([widen(g.angle_edge, 0) + off for g, off in zip(graphs, edge_offsets, strict=True)]),
-        angle_mask=np.concatenate([widen(g.angle_mask, False) for g in graphs]),
+        neighbors=np.concatenate([np.asarray(g.neighbors) + offset for g, offset in zip(widened, atom_offsets, strict=True)]),
+        neighbor_shift=cat("neighbor_shift"),
+        neighbor_mask=cat("neighbor_mask"),
+        angle_mask=cat("angle_mask"),
         n_frames=len(graphs),
     )
 
 
 def pad_to_buckets(graph: Graph, config: DPA3Config) -> Graph:
-    """Pad atoms and edges to bucket sizes and the angle table width to a multiple of 8 (at most a_sel)."""
-    return pad_graph(graph, bucket_size(graph.n_atoms, minimum=16), bucket_size(graph.n_edges, minimum=256),
+    """Pad atoms to a bucket size, and the table widths M and K to multiples of 8 (at most e_sel, a_sel)."""
+    return pad_graph(graph, bucket_size(graph.n_atoms, minimum=16),
+                     min(-(-graph.max_neighbors // 8) * 8, config.e_sel),
                      min(-(-graph.max_angle_neighbors // 8) * 8, config.a_sel))
 
 
@@ -223,32 +204,24 @@ def bucket_size(n: int, minimum: int = 8) -> int:
     return -(-n // step) * step
 
 
-def pad_graph(graph: Graph, n_atoms: int, n_edges: int, max_angle_neighbors: int) -> Graph:
-    """Pad to the given sizes: padding atoms have type -1, padding edges/angles point at index 0, masked."""
+def pad_graph(graph: Graph, n_atoms: int, max_neighbors: int, max_angle_neighbors: int) -> Graph:
+    """Pad to the given sizes: padding atoms have type -1, padding cells point at atom 0, masked."""
 
-    def pad(array, size, value=0, axis=0):
+    def pad(array, sizes, value=0):
         array = np.asarray(array)
-        extra = size - array.shape[axis]
-        if extra < 0:
-            raise ValueError(f"cannot pad {array.shape[axis]} entries to {size}")
-        widths = [(0, 0)] * array.ndim
-        widths[axis] = (0, extra)
-        return np.pad(array, widths, constant_values=value)
+        widths = [(0, size - length) for size, length in zip(sizes, array.shape, strict=False)]
+        if any(extra < 0 for _, extra in widths):
+            raise ValueError(f"cannot pad an array of shape {array.shape} to {sizes}")
+        return np.pad(array, widths + [(0, 0)] * (array.ndim - len(sizes)), constant_values=value)
 
-    angle_edge = pad(pad(graph.angle_edge, max_angle_neighbors, axis=1), n_atoms)
-    angle_mask = pad(pad(graph.angle_mask, max_angle_neighbors, False, axis=1), n_atoms, False)
-
+    table = (n_atoms, max_neighbors)
     return Graph(
-        positions=pad(graph.positions, n_atoms),
-        types=pad(graph.types, n_atoms, -1),
-        atom_frame=pad(graph.atom_frame, n_atoms),
-        edge_center=pad(graph.edge_center, n_edges),
-        edge_neighbor=pad(graph.edge_neighbor, n_edges),
-        edge_shift=pad(graph.edge_shift, n_edges),
-        edge_slot=pad(graph.edge_slot, n_edges),
-        edge_mask=pad(graph.edge_mask, n_edges, False),
-        edge_in_angle=pad(graph.edge_in_angle, n_edges, False),
-        angle_edge=angle_edge,
-        angle_mask=angle_mask,
+        positions=pad(graph.positions, (n_atoms,)),
+        types=pad(graph.types, (n_atoms,), -1),
+        atom_frame=pad(graph.atom_frame, (n_atoms,)),
+        neighbors=pad(graph.neighbors, table),
+        neighbor_shift=pad(graph.neighbor_shift, table),
+        neighbor_mask=pad(graph.neighbor_mask, table, False),
+        angle_mask=pad(graph.angle_mask, (n_atoms, max_angle_neighbors), False),
         n_frames=graph.n_frames,
     )

@@ -20,8 +20,10 @@ normalisation constants (capacities e_sel, a_sel; divided by sel_reduce_factor i
 
 Every linear layer on a concatenation is applied block by block (x_cat W = Σ_b x_b W_b, spec §5.6): the
 node blocks act once per atom and are gathered to edges, the edge blocks once per edge and broadcast to
-angles, so only the a_dim-wide block is multiplied per angle. Angles live in per-atom K × K blocks
-([n_atoms, K, K, ·], j = axis 1, k = axis 2; see neighbors.py), so the sum over k is a sum over an axis.
+angles, so only the a_dim-wide block is multiplied per angle. Edges live in the neighbour table
+([atoms, M, ·], neighbors.py) and angles in per-atom K × K blocks ([atoms, K, K, ·], j = axis 1, k = axis 2),
+so every sum over j or k is a sum over an axis. A layer only reaches other atoms through one gather from
+`NeighborTables` (n_j and its projections): given those, it updates any block of atoms on its own.
 """
 
 from __future__ import annotations
@@ -39,52 +41,52 @@ from dpa3_ref.nn import Layer, init_layer, split_rows
 
 
 class LineGraph(NamedTuple):
-    """What every layer needs to know about the graph; fixed through all layers."""
+    """What every layer needs to know about the graph; fixed through all layers. One row per centre atom."""
 
-    n_atoms: int
-    edge_center: jax.Array  # [n_edge] i
-    edge_neighbor: jax.Array  # [n_edge] j
-    edge_in_angle: jax.Array  # [n_edge] bool
-    edge_switch: jax.Array  # [n_edge] s_ij (0 on padding)
-    edge_h: jax.Array  # [n_edge, 3] h_ij
-    angle_edge: jax.Array  # [n_atoms, K] edge index of i's k-th angle neighbour
-    angle_switch: jax.Array  # [n_atoms, K] s^a_ij of that edge (0 on padding)
+    neighbors: jax.Array  # [atoms, M] index j of each neighbour
+    edge_switch: jax.Array  # [atoms, M] s_ij (0 on padding)
+    edge_h: jax.Array  # [atoms, M, 3] h_ij
+    edge_in_angle: jax.Array  # [atoms, M] bool, j is an angle neighbour (only the first K columns can be)
+    angle_switch: jax.Array  # [atoms, K] s^a_ij (0 off the angle list)
 
 
-def segment_sum(values: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
-    return jax.ops.segment_sum(values, segment_ids, num_segments=num_segments)
+def _column_selection(n_first_like: jax.Array, n_all_like: jax.Array, dtype) -> jax.Array:
+    """The 0/1 matrix [K, M] that picks the first K of M columns (K, M: the lengths of the two vectors)."""
+    k = jnp.cumsum(jnp.ones_like(n_first_like, jnp.int32))  # 1..K (no arange: it fails on symbolic sizes)
+    m = jnp.cumsum(jnp.ones_like(n_all_like, jnp.int32))  # 1..M
+    return (k[:, None] == m[None, :]).astype(dtype)
 
 
-ATOMS_PER_CHUNK = 64
-LARGE_SYSTEM = 512  # atoms; from here on, memory is saved at the price of more compute (descriptor.py)
+def first_columns(table: jax.Array, angle_like: jax.Array) -> jax.Array:
+    """table[:, :K] of a table [atoms, M, d], K = angle_like.shape[1]: the angle neighbours' rows. With
+    symbolic sizes (ONNX export) JAX cannot prove K ≤ M; there it is the exact product with a 0/1 matrix."""
+    n_angle = angle_like.shape[1]
+    if isinstance(n_angle, int) and isinstance(table.shape[1], int):
+        return table[:, :n_angle]
+    return jnp.matmul(_column_selection(angle_like[0], table[0, :, 0], table.dtype), table)
 
 
-def is_large(n_atoms) -> bool:
-    """Whether to take the memory-saving path. A symbolic size (ONNX export: any size) takes the plain one."""
-    return isinstance(n_atoms, int) and n_atoms >= LARGE_SYSTEM
+def widen_columns(block: jax.Array, edge_like: jax.Array) -> jax.Array:
+    """[atoms, K, d] → [atoms, M, d], M = edge_like.shape[1], zero beyond K: the inverse of first_columns."""
+    n_edge = edge_like.shape[1]
+    if isinstance(n_edge, int) and isinstance(block.shape[1], int):
+        return jnp.pad(block, [(0, 0), (0, n_edge - block.shape[1]), (0, 0)])
+    return jnp.matmul(jnp.swapaxes(_column_selection(block[0, :, 0], edge_like[0], block.dtype), 0, 1), block)
 
 
-def over_atoms(fn, *per_atom: jax.Array):
-    """fn(*per_atom), for large systems computed for chunks of ATOMS_PER_CHUNK atoms in turn, each chunk
-    rematerialised in the backward pass: only one chunk's [atoms, K, K, ·] temporaries exist at a time.
-    Numerically the same as fn(*per_atom), which small systems (and sizes that are not a multiple of the
-    chunk) use directly, because there speed matters more than memory."""
-    n_atoms = per_atom[0].shape[0]
-    if not is_large(n_atoms) or n_atoms % ATOMS_PER_CHUNK:
-        return fn(*per_atom)
-    chunks = [x.reshape(n_atoms // ATOMS_PER_CHUNK, ATOMS_PER_CHUNK, *x.shape[1:]) for x in per_atom]
-    out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), chunks)
-    return jax.tree.map(lambda y: y.reshape(n_atoms, *y.shape[2:]), out)
+class NeighborTables(NamedTuple):
+    """Per-atom values that edges gather from their neighbour j: n_j and its two linear projections."""
+
+    node: jax.Array  # [n_atoms, n]
+    edge_self: jax.Array  # [n_atoms, e]    n_j W_es^(j)
+    node_edge_message: jax.Array  # [n_atoms, H n]  n_j W_ne^(j)
 
 
 def symmetrise(features: jax.Array, graph: LineGraph, edge_norm: float, axis_neuron: int) -> jax.Array:
-    """(N2) G_i(g) for per-edge invariant features g [n_edge, d] → [n_atoms, A·d]."""
-    weighted = features * graph.edge_switch[:, None]  # [n_edge, d]
-    # One Cartesian component at a time: never materialises the [n_edge, 3, d] outer product.
-    m = jnp.stack(
-        [segment_sum(graph.edge_h[:, c, None] * weighted, graph.edge_center, graph.n_atoms) for c in range(3)], axis=1
-    ) / math.sqrt(edge_norm)  # [n_atoms, 3, d]
-    g = jnp.matmul(jnp.swapaxes(m[:, :, :axis_neuron], 1, 2), m) / 3.0  # [n_atoms, A, d]
+    """(N2) G_i(g) for per-edge invariant features g [atoms, M, d] → [atoms, A·d]."""
+    weighted = features * graph.edge_switch[..., None]  # [atoms, M, d]
+    m = jnp.matmul(jnp.swapaxes(graph.edge_h, 1, 2), weighted) / math.sqrt(edge_norm)  # [atoms, 3, d]
+    g = jnp.matmul(jnp.swapaxes(m[:, :, :axis_neuron], 1, 2), m) / 3.0  # [atoms, A, d]
     return g.reshape(g.shape[0], -1)
 
 
@@ -103,70 +105,77 @@ class RepFlowLayer(eqx.Module):
     angle_residual: list[jax.Array]  # [a]: angle self
     config: DPA3Config = eqx.field(static=True)
 
-    def __call__(
-        self, node: jax.Array, edge: jax.Array, angle: jax.Array, graph: LineGraph
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, node: jax.Array, edge: jax.Array, angle: jax.Array, graph: LineGraph):
+        """The layer on all atoms: (node', edge', angle')."""
+        return self.update(self.neighbor_tables(node), node, edge, angle, graph)
+
+    def neighbor_tables(self, node: jax.Array) -> NeighborTables:
+        """n_j and n_j W^(j) for the two pair linears, once per atom (edges gather them)."""
+        sizes = [self.config.n_dim, self.config.n_dim, self.config.e_dim]
+        _, w_edge_self, _ = split_rows(self.edge_self, sizes)
+        _, w_message, _ = split_rows(self.node_edge_message, sizes)
+        return NeighborTables(node, node @ w_edge_self, node @ w_message)
+
+    def update(self, tables: NeighborTables, node, edge, angle, graph: LineGraph, *, node_only: bool = False):
+        """(node', edge', angle') of a block of atoms: node [atoms, n], edge [atoms, M, e], angle
+        [atoms, K, K, a] and graph are that block's rows; `tables` hold every atom. With node_only (the
+        last layer) only node' is computed."""
+        neighbor = jax.tree.map(lambda table: table[graph.neighbors], tables)  # [atoms, M, ·]
         if self.config.sequential_update:
-            return self._sequential(node, edge, angle, graph)
-        edge_updates = [self.edge_self_update(node, edge, graph)]  # (E1)
+            return self._sequential(neighbor, node, edge, angle, graph, node_only)
+        node_new = self.combine(node, self.node_updates(neighbor, node, edge, graph), self.node_residual)
+        if node_only:
+            return node_new
+        edge_updates = [self.edge_self_update(neighbor, node, edge)]  # (E1)
         angle_new = angle
         if self.config.update_angle:
             reduced, angle_new = self.angle_terms(angle, node, edge, graph)  # (E2) ρ_ij, (A1)
             edge_updates.append(self.angle_to_edge(reduced, edge, graph))  # (E2)
-        node_new = self.combine(node, self.node_updates(node, edge, graph), self.node_residual)
-        edge_new = self.combine(edge, edge_updates, self.edge_residual)
-        return node_new, edge_new, angle_new
+        return node_new, self.combine(edge, edge_updates, self.edge_residual), angle_new
 
-    def _sequential(self, node, edge, angle, graph):
+    def _sequential(self, neighbor, node, edge, angle, graph, node_only):
         """spec §5.8: edge self → angle self → angle → edge → node, each using the newest inputs."""
-        edge = edge + self.edge_residual[0] * self.edge_self_update(node, edge, graph)
+        edge = edge + self.edge_residual[0] * self.edge_self_update(neighbor, node, edge)
         reduced, angle = self.angle_terms(angle, node, edge, graph)
         edge = edge + self.edge_residual[1] * self.angle_to_edge(reduced, edge, graph)
-        node = self.combine(node, self.node_updates(node, edge, graph), self.node_residual)
-        return node, edge, angle
+        node = self.combine(node, self.node_updates(neighbor, node, edge, graph), self.node_residual)
+        return node if node_only else (node, edge, angle)
 
     # ------------------------------------------------------------------ node terms
-    def node_updates(self, node: jax.Array, edge: jax.Array, graph: LineGraph) -> list[jax.Array]:
+    def node_updates(self, neighbor: NeighborTables, node, edge, graph: LineGraph) -> list[jax.Array]:
         cfg, act = self.config, get_activation(self.config.activation_function)
-        neighbor_node = node[graph.edge_neighbor]  # [n_edge, n]
-        updates = [act(self.node_self(node))]  # (N1) [n_atoms, n]
+        updates = [act(self.node_self(node))]  # (N1) [atoms, n]
         sym = jnp.concatenate(
-            [symmetrise(edge, graph, cfg.edge_norm, cfg.axis_neuron),  # [n_atoms, A e]
-             symmetrise(neighbor_node, graph, cfg.edge_norm, cfg.axis_neuron)],  # [n_atoms, A n]
+            [symmetrise(edge, graph, cfg.edge_norm, cfg.axis_neuron),  # [atoms, A e]
+             symmetrise(neighbor.node, graph, cfg.edge_norm, cfg.axis_neuron)],  # [atoms, A n]
             axis=-1,
         )
-        updates.append(act(self.node_sym(sym)))  # (N2) [n_atoms, n]
-        message = act(self.pair_linear(self.node_edge_message, node, edge, graph))  # [n_edge, H n]
-        message = message * graph.edge_switch[:, None]
-        message = segment_sum(message, graph.edge_center, graph.n_atoms) / cfg.edge_norm  # (N3) [n_atoms, H n]
+        updates.append(act(self.node_sym(sym)))  # (N2) [atoms, n]
+        message = act(self.pair_linear(self.node_edge_message, neighbor.node_edge_message, node, edge))
+        message = jnp.sum(message * graph.edge_switch[..., None], axis=1) / cfg.edge_norm  # (N3) [atoms, H n]
         updates.extend(jnp.split(message, cfg.n_multi_edge_message, axis=-1))
         return updates
 
-    def pair_linear(self, layer: Layer, node: jax.Array, edge: jax.Array, graph: LineGraph) -> jax.Array:
-        """Lin([n_i; n_j; e_ij]) without building the concatenation."""  # [n_edge, n_out]
-        w_center, w_neighbor, w_edge = split_rows(layer, [self.config.n_dim, self.config.n_dim, self.config.e_dim])
-        return (
-            (node @ w_center)[graph.edge_center]
-            + (node @ w_neighbor)[graph.edge_neighbor]
-            + edge @ w_edge
-            + layer.bias
-        )
+    def pair_linear(self, layer: Layer, neighbor_part: jax.Array, node: jax.Array, edge: jax.Array) -> jax.Array:
+        """Lin([n_i; n_j; e_ij]) without building the concatenation; n_j W^(j) comes gathered."""  # [atoms, M, out]
+        w_center, _, w_edge = split_rows(layer, [self.config.n_dim, self.config.n_dim, self.config.e_dim])
+        center_part = node @ w_center + layer.bias  # [atoms, out]
+        return center_part[:, None, :] + neighbor_part + edge @ w_edge
 
     # ------------------------------------------------------------------ edge and angle terms
-    def edge_self_update(self, node: jax.Array, edge: jax.Array, graph: LineGraph) -> jax.Array:
+    def edge_self_update(self, neighbor: NeighborTables, node, edge) -> jax.Array:
         act = get_activation(self.config.activation_function)
-        return act(self.pair_linear(self.edge_self, node, edge, graph))  # (E1) [n_edge, e]
+        return act(self.pair_linear(self.edge_self, neighbor.edge_self, node, edge))  # (E1) [atoms, M, e]
 
     def angle_inputs(self, node: jax.Array, edge: jax.Array, graph: LineGraph) -> tuple[jax.Array, jax.Array]:
-        """ñ_i [n_atoms, |ñ|] and ẽ_ij per angle neighbour [n_atoms, K, |ẽ|]: compressed for the angle graph."""
+        """ñ_i [atoms, |ñ|] and ẽ_ij of the angle neighbours [atoms, K, |ẽ|]: compressed for the angle graph."""
         cfg = self.config
+        edge = first_columns(edge, graph.angle_switch)  # the angle neighbours are the nearest K
         if cfg.a_compress_rate == 0:
-            node_for_angle, edge_for_angle = node, edge
-        elif cfg.a_compress_use_split:
-            node_for_angle, edge_for_angle = node[:, : cfg.angle_node_dim], edge[:, : cfg.angle_edge_dim]
-        else:
-            node_for_angle, edge_for_angle = self.angle_compress_node(node), self.angle_compress_edge(edge)
-        return node_for_angle, edge_for_angle[graph.angle_edge]
+            return node, edge
+        if cfg.a_compress_use_split:
+            return node[:, : cfg.angle_node_dim], edge[..., : cfg.angle_edge_dim]
+        return self.angle_compress_node(node), self.angle_compress_edge(edge)
 
     def angle_linear(self, layer: Layer, angle, node_for_angle, edge_block) -> jax.Array:
         """Lin(z_ijk) with z_ijk = [a_ijk; ñ_i; ẽ_ik; ẽ_ij], block by block."""  # [atoms, K, K, n_out]
@@ -179,34 +188,26 @@ class RepFlowLayer(eqx.Module):
         return angle @ w_angle + per_j[:, :, None, :] + per_k[:, None, :, :]
 
     def angle_terms(self, angle, node, edge, graph: LineGraph) -> tuple[jax.Array, jax.Array]:
-        """(E2) ρ_ij per angle neighbour [n_atoms, K, e] and (A1) the updated angles [n_atoms, K, K, a]."""
+        """(E2) ρ_ij per angle neighbour [atoms, K, e] and (A1) the updated angles [atoms, K, K, a]."""
         cfg, act = self.config, get_activation(self.config.activation_function)
         node_for_angle, edge_block = self.angle_inputs(node, edge, graph)
-
-        def reduce_over_k(message, switch):  # [atoms, K, K, e] -> [atoms, K, e]
-            weight = switch[:, :, None] * switch[:, None, :]  # [atoms, K, K]
-            return jnp.sum(message * weight[..., None], axis=2) / math.sqrt(cfg.angle_norm)
-
-        def per_atoms(angle, node_for_angle, edge_block, switch):  # everything here is per atom: chunkable
-            update = act(self.angle_linear(self.angle_self, angle, node_for_angle, edge_block))  # (A1)
-            if cfg.sequential_update:  # the message sees the updated angle (spec §5.8)
-                angle_new = angle + self.angle_residual[0] * update
-                message = act(self.angle_linear(self.edge_angle_1, angle_new, node_for_angle, edge_block))
-            else:
-                angle_new = self.combine(angle, [update], self.angle_residual)
-                message = act(self.angle_linear(self.edge_angle_1, angle, node_for_angle, edge_block))
-            return reduce_over_k(message, switch), angle_new
-
-        return over_atoms(per_atoms, angle, node_for_angle, edge_block, graph.angle_switch)
+        update = act(self.angle_linear(self.angle_self, angle, node_for_angle, edge_block))  # (A1)
+        if cfg.sequential_update:  # the message sees the updated angle (spec §5.8)
+            angle_new = angle + self.angle_residual[0] * update
+            message = act(self.angle_linear(self.edge_angle_1, angle_new, node_for_angle, edge_block))
+        else:
+            angle_new = self.combine(angle, [update], self.angle_residual)
+            message = act(self.angle_linear(self.edge_angle_1, angle, node_for_angle, edge_block))
+        weight = graph.angle_switch[:, :, None] * graph.angle_switch[:, None, :]  # [atoms, K, K]
+        reduced = jnp.sum(message * weight[..., None], axis=2) / math.sqrt(cfg.angle_norm)  # [atoms, K, e]
+        return reduced, angle_new
 
     def angle_to_edge(self, reduced, edge, graph: LineGraph) -> jax.Array:
-        """(E2) w2_ij from ρ_ij."""  # [n_edge, e]
+        """(E2) w2_ij from ρ_ij."""  # [atoms, M, e]
         cfg, act = self.config, get_activation(self.config.activation_function)
-        reduced = segment_sum(  # back from the angle table to the edge list: [n_edge, e]
-            reduced.reshape(-1, reduced.shape[-1]), graph.angle_edge.reshape(-1), edge.shape[0]
-        )
+        reduced = widen_columns(reduced, graph.edge_switch)  # [atoms, M, e], 0 beyond the angle neighbours
         if not cfg.smooth_edge_update:  # legacy "self padding": edges off the angle list see themselves
-            reduced = jnp.where(graph.edge_in_angle[:, None], reduced, edge)
+            reduced = jnp.where(graph.edge_in_angle[..., None], reduced, edge)
         return act(self.edge_angle_2(reduced))
 
     # ------------------------------------------------------------------ residual update

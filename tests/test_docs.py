@@ -29,7 +29,7 @@ def test_code_quoted_in_the_docs_is_in_the_package(chapter):
 
 
 def test_the_excerpt_check_notices_a_changed_line():
-    text = "```python\nreturn fn(*per_atom)\n```\n```python\nreturn fn(*per_atoms)  # renamed\n```"
+    text = "```python\nreturn g.reshape(g.shape[0], -1)\n```\n```python\nreturn g.reshape(-1, g.shape[0])  # changed\n```"
     source_lines = {line.strip() for line in (ROOT / "dpa3_ref" / "repflow.py").read_text().splitlines()}
     found = [all(line in source_lines for line in lines) for lines in python_blocks(text)]
     assert found == [True, False]

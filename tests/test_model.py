@@ -102,7 +102,7 @@ def test_float32_model_agrees_with_float64(tiny):
 def test_padding_does_not_change_results(tiny):
     positions, types, cell = random_system(4)
     graph = build_graph(positions, types, cell, TINY, pad=False)
-    bigger = pad_graph(graph, graph.n_atoms + 7, graph.n_edges + 33, graph.max_angle_neighbors + 3)
+    bigger = pad_graph(graph, graph.n_atoms + 7, graph.max_neighbors + 5, graph.max_angle_neighbors + 3)
     a = jax.jit(energy_forces_virial)(tiny.model, graph)
     b = jax.jit(energy_forces_virial)(tiny.model, bigger)
     n = len(positions)
@@ -198,16 +198,16 @@ def test_errors_name_the_problem(tiny, tmp_path):
      {"nlayers": 3, "update_angle": False, "update_style": "res_avg"}],
 )
 def test_memory_saving_path_for_large_systems_gives_the_same_numbers(variant, monkeypatch):
-    """Large systems loop over rematerialised layers and chunk the angle work; that must not change any number."""
-    import dpa3_ref.repflow
+    """Large systems run each layer on blocks of atoms, rematerialised; that must not change any number."""
+    import dpa3_ref.descriptor
 
     potential = Potential.init(TINY.replace(**variant), seed=3)
     positions, types, cell = random_system(9, n=27)
-    graph = potential.graph(positions, types, cell)  # 28 atoms after padding: seven chunks of 4
+    graph = potential.graph(positions, types, cell)  # 28 atoms after padding: seven blocks of 4
     assert graph.n_atoms % 4 == 0 and graph.n_atoms > 4
     plain = jax.jit(lambda m, g: energy_forces_virial(m, g))(potential.model, graph)
-    monkeypatch.setattr(dpa3_ref.repflow, "LARGE_SYSTEM", 1)
-    monkeypatch.setattr(dpa3_ref.repflow, "ATOMS_PER_CHUNK", 4)
+    monkeypatch.setattr(dpa3_ref.descriptor, "LARGE_SYSTEM", 1)
+    monkeypatch.setattr(dpa3_ref.descriptor, "ATOMS_PER_BLOCK", 4)
     lean = jax.jit(lambda m, g: energy_forces_virial(m, g))(potential.model, graph)
     np.testing.assert_allclose(lean["energy"], plain["energy"], rtol=1e-13)
     np.testing.assert_allclose(lean["atom_energy"], plain["atom_energy"], atol=1e-13)

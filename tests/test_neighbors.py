@@ -68,27 +68,41 @@ def test_selection_keeps_nearest_e_sel_and_angle_rule():
     positions = rng.random((40, 3)) @ cell
     types = rng.integers(0, 2, 40)
     graph = build_graph(positions, types, cell, CONFIG, pad=False)
-    vectors = positions[graph.edge_neighbor] - positions[graph.edge_center] + graph.edge_shift
-    distance = np.linalg.norm(vectors, axis=1)
-    _, _, _, all_distances = neighbor_pairs(positions, cell, CONFIG.e_rcut)
-    all_i = neighbor_pairs(positions, cell, CONFIG.e_rcut)[0]
+    vectors = positions[graph.neighbors] - positions[:, None, :] + graph.neighbor_shift  # [40, M, 3]
+    distance = np.linalg.norm(vectors, axis=-1)
+    all_i, _, _, all_distances = neighbor_pairs(positions, cell, CONFIG.e_rcut)
     for atom in range(40):
-        mine = distance[graph.edge_center == atom]
+        mine = distance[atom][graph.neighbor_mask[atom]]
         expected = np.sort(all_distances[all_i == atom])[: CONFIG.e_sel]
         np.testing.assert_allclose(mine, expected)  # nearest first, truncated at e_sel
-        slots = graph.edge_slot[graph.edge_center == atom]
-        np.testing.assert_array_equal(slots, np.arange(len(mine)))
-        in_angle = graph.edge_in_angle[graph.edge_center == atom]
-        np.testing.assert_array_equal(in_angle, (slots < CONFIG.a_sel) & (mine < CONFIG.a_rcut))
-        table = graph.angle_edge[atom][graph.angle_mask[atom]]
-        np.testing.assert_array_equal(table, np.flatnonzero(graph.edge_in_angle & (graph.edge_center == atom)))
+        np.testing.assert_array_equal(np.flatnonzero(graph.neighbor_mask[atom]), np.arange(len(mine)))  # slot = rank
+        in_angle = (np.arange(len(mine)) < CONFIG.a_sel) & (mine < CONFIG.a_rcut)
+        k = graph.max_angle_neighbors
+        np.testing.assert_array_equal(graph.angle_mask[atom], np.pad(in_angle, (0, max(0, k - len(mine))))[:k])
+        assert not in_angle[k:].any()  # every angle neighbour is within the first K columns
+
+
+def test_excluded_pairs_keep_their_slot_masked():
+    """deepmd-kit removes excluded type pairs after the selection: they still take up their rank."""
+    config = CONFIG.replace(exclude_types=((0, 1),))
+    rng = np.random.default_rng(5)
+    positions, types = rng.random((30, 3)) * 6, rng.integers(0, 2, 30)
+    graph = build_graph(positions, types, None, config, pad=False)
+    full = build_graph(positions, types, None, CONFIG, pad=False)
+    neighbors, mask = np.asarray(full.neighbors), np.asarray(full.neighbor_mask)
+    expected = mask & (types[:, None] == types[neighbors])  # the (0, 1) and (1, 0) pairs are gone
+    width = graph.max_neighbors
+    assert not expected[:, width:].any()
+    np.testing.assert_array_equal(graph.neighbor_mask, expected[:, :width])
+    np.testing.assert_array_equal(np.asarray(graph.neighbors)[expected[:, :width]], neighbors[expected])
+    assert expected.sum() < mask.sum()  # the test excluded something
 
 
 def test_small_cell_sees_several_images_of_one_neighbour():
     cell = np.eye(3) * 2.0  # far below 2 r_c: many images of the same atom
     graph = build_graph(np.array([[0.0, 0, 0], [1.0, 1.0, 1.0]]), np.array([0, 1]), cell,
                         CONFIG.replace(e_sel=200), pad=False)
-    from_atom_0 = graph.edge_neighbor[graph.edge_center == 0]
+    from_atom_0 = np.asarray(graph.neighbors)[0][graph.neighbor_mask[0]]
     assert (from_atom_0 == 1).sum() > 8 and (from_atom_0 == 0).sum() > 8
 
 
@@ -96,10 +110,11 @@ def test_padding_is_masked_and_sizes_are_buckets():
     positions = np.random.default_rng(3).random((13, 3)) * 5
     graph = build_graph(positions, np.zeros(13, int), None, CONFIG)
     unpadded = build_graph(positions, np.zeros(13, int), None, CONFIG, pad=False)
-    assert graph.n_atoms == bucket_size(13, minimum=16) and graph.n_edges == bucket_size(unpadded.n_edges, minimum=256)
+    assert graph.n_atoms == bucket_size(13, minimum=16)
+    assert graph.max_neighbors % 8 == 0 or graph.max_neighbors == CONFIG.e_sel
     assert graph.max_angle_neighbors % 8 == 0 or graph.max_angle_neighbors == CONFIG.a_sel
     assert (np.asarray(graph.types)[13:] == -1).all()
-    assert np.asarray(graph.edge_mask).sum() == unpadded.n_edges
+    assert np.asarray(graph.neighbor_mask).sum() == np.asarray(unpadded.neighbor_mask).sum()
     assert np.asarray(graph.angle_mask).sum() == np.asarray(unpadded.angle_mask).sum()
 
 

@@ -60,9 +60,9 @@ def test_neighbor_list_selects_the_official_neighbours():
     ref = np.load(REFERENCE / "water_small_f64" / "reference.npz")
     coord, box, nlist = ref["coord"][0], ref["box"][0], ref["nlist"][0]
     graph = build_graph(coord, ref["atype"][0], box, potential.config, pad=False)
-    vectors = coord[graph.edge_neighbor] - coord[graph.edge_center] + graph.edge_shift
+    vectors = coord[graph.neighbors] - coord[:, None, :] + graph.neighbor_shift  # [n, M, 3]
     ours = np.full(nlist.shape, np.nan)
-    ours[graph.edge_center, graph.edge_slot] = np.linalg.norm(vectors, axis=1)
+    ours[:, : graph.max_neighbors] = np.where(graph.neighbor_mask, np.linalg.norm(vectors, axis=-1), np.nan)
     # The official list indexes extended atoms (periodic images); rebuild their distances from the wrap.
     frac = coord @ np.linalg.inv(box)
     wrapped = (frac - np.floor(frac)) @ box
