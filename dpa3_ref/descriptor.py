@@ -120,16 +120,59 @@ class DPA3Descriptor(eqx.Module):
 
 
 def blockwise(step, *rows):
-    """step(*rows) for blocks of ATOMS_PER_BLOCK atoms (rows: arrays or pytrees of arrays with one row per
-    atom) in turn, as a loop (`lax.map`), each block rematerialised in the backward pass: only the inputs
-    are kept, and one block's temporaries exist at a time. Numerically the same as step(*rows)."""
+    """step(*rows) computed for blocks of ATOMS_PER_BLOCK atoms in turn (a loop; rows are arrays, or pytrees
+    of arrays, with one row per atom). Numerically the same as step(*rows); the point is the backward pass.
+
+    It keeps only what a block reads (its rows and the per-atom tables `step` closes over) and, block by
+    block, recomputes the block's forward pass and pulls the output cotangent back through it. The
+    cotangent of an input overwrites, block by block, that of the output of the same shape (n, e, a in and
+    out), so the backward pass of a layer holds one full-size cotangent per kind, not two."""
     n_atoms = jax.tree.leaves(rows)[0].shape[0]
 
-    def as_blocks(x):
-        return x.reshape(n_atoms // ATOMS_PER_BLOCK, ATOMS_PER_BLOCK, *x.shape[1:])
+    def block(x, b):  # rows b·B … b·B + B − 1 of x
+        return jax.lax.dynamic_slice_in_dim(x, b * ATOMS_PER_BLOCK, ATOMS_PER_BLOCK)
 
-    out = jax.lax.map(jax.checkpoint(lambda blocks: step(*blocks)), jax.tree.map(as_blocks, rows))
-    return jax.tree.map(lambda y: y.reshape(n_atoms, *y.shape[2:]), out)
+    def put_block(x, value, b):
+        return jax.lax.dynamic_update_slice_in_dim(x, value, b * ATOMS_PER_BLOCK, axis=0)
+
+    # The values `step` closes over that carry derivatives (the neighbour tables) become explicit inputs.
+    example = jax.tree.map(lambda x: block(x, 0), rows)
+    closed_step, consts = jax.closure_convert(lambda *block_rows: step(*block_rows), *example)
+
+    @jax.custom_vjp
+    def run(consts, rows):
+        out = jax.lax.map(lambda b: closed_step(*jax.tree.map(lambda x: block(x, b), rows), *consts),
+                          jnp.arange(n_atoms // ATOMS_PER_BLOCK))
+        return jax.tree.map(lambda y: y.reshape(n_atoms, *y.shape[2:]), out)
+
+    def forward(consts, rows):
+        return run(consts, rows), (consts, rows)
+
+    def backward(saved, d_out):
+        consts, rows = saved
+        floats, others = eqx.partition(rows, eqx.is_inexact_array)  # only float rows have cotangents
+        # An input (n, e, a) with the shape of the output of the same kind takes over its cotangent's buffer:
+        # block b of it is read, then overwritten with the input's cotangent.
+        reuse = [d is not None and d.shape == f.shape for f, d in zip(floats, d_out)]
+        d_rows = [d_out[k] if k < len(reuse) and reuse[k] else jax.tree.map(jnp.zeros_like, f)
+                  for k, f in enumerate(floats)]
+
+        def one_block(b, carry):
+            d_consts, d_rows = carry
+            d_out_b = [jax.tree.map(lambda x: block(x, b), d_rows[k] if reuse[k] else d) for k, d in enumerate(d_out)]
+            other_b = jax.tree.map(lambda x: block(x, b), others)
+            _, pull_back = jax.vjp(lambda c, f: closed_step(*eqx.combine(f, other_b), *c),
+                                   consts, jax.tree.map(lambda x: block(x, b), floats))
+            d_consts_b, d_floats_b = pull_back(tuple(d_out_b))
+            d_rows = [jax.tree.map(lambda x, d: put_block(x, d, b), dx, db) for dx, db in zip(d_rows, d_floats_b)]
+            return jax.tree.map(jnp.add, d_consts, d_consts_b), d_rows
+
+        zero = jax.tree.map(jnp.zeros_like, consts)
+        d_consts, d_rows = jax.lax.fori_loop(0, n_atoms // ATOMS_PER_BLOCK, one_block, (zero, d_rows))
+        return d_consts, tuple(d_rows)
+
+    run.defvjp(forward, backward)
+    return run(consts, rows)
 
 
 def init_descriptor(config: DPA3Config, *, key: jax.Array) -> DPA3Descriptor:

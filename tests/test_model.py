@@ -215,3 +215,27 @@ def test_memory_saving_path_for_large_systems_gives_the_same_numbers(variant, mo
     np.testing.assert_allclose(lean["virial"], plain["virial"], atol=1e-12)
 
 
+
+
+def test_memory_saving_path_is_differentiable_twice(monkeypatch):
+    """Training on forces differentiates forces with respect to the weights, so the blockwise backward pass
+    (a custom VJP) must itself be differentiable, and give the plain path's weight gradient."""
+    import dpa3_ref.descriptor
+
+    potential = Potential.init(TINY, seed=3)
+    positions, types, cell = random_system(9, n=27)
+    graph = potential.graph(positions, types, cell)
+
+    def force_loss(model):
+        out = energy_forces_virial(model, graph)
+        return jnp.sum(out["forces"] ** 2) + jnp.sum(out["energy"])
+
+    plain = jax.jit(jax.grad(force_loss))(potential.model)
+    monkeypatch.setattr(dpa3_ref.descriptor, "LARGE_SYSTEM", 1)
+    monkeypatch.setattr(dpa3_ref.descriptor, "ATOMS_PER_BLOCK", 4)
+    lean = jax.jit(jax.grad(force_loss))(potential.model)
+    plain_leaves, lean_leaves = jax.tree.leaves(plain), jax.tree.leaves(lean)
+    assert len(plain_leaves) == len(lean_leaves) > 20
+    scale = max(float(jnp.max(jnp.abs(x))) for x in plain_leaves if x.size)
+    for a, b in zip(plain_leaves, lean_leaves, strict=True):
+        np.testing.assert_allclose(b, a, atol=1e-12 * scale)
