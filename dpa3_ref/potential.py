@@ -6,7 +6,9 @@
 
 Inputs are checked here, at the boundary, with messages that name the atom or array at fault. The
 neighbour list is built on the host (numpy/vesin); the model runs as one compiled XLA function per
-size bucket (atoms, edges and angles padded, see neighbors.py), reused for every later frame that fits.
+size bucket (atoms and table widths padded, see neighbors.py), reused for every later frame that fits.
+The table widths only grow: a frame is padded to the widest table this potential has seen for its atom
+bucket, so that an MD run does not recompile whenever the largest neighbour count dips below a multiple of 8.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 from dpa3_ref.config import DPA3Config
 from dpa3_ref.errors import Dpa3Error
 from dpa3_ref.model import DPA3Model, energy_forces_virial, init_model
-from dpa3_ref.neighbors import Graph, batch_graphs, build_graph, pad_to_buckets
+from dpa3_ref.neighbors import Graph, batch_graphs, build_graph, pad_graph, pad_to_buckets
 
 _compiled_energy_forces_virial = eqx.filter_jit(energy_forces_virial)
 
@@ -33,6 +35,7 @@ class Potential:
 
     def __init__(self, model: DPA3Model):
         self.model = model
+        self._table_widths: dict[int, tuple[int, int]] = {}  # atom bucket -> widest (M, K) used so far
 
     @classmethod
     def init(cls, config: DPA3Config, seed: int = 0) -> Potential:
@@ -68,7 +71,7 @@ class Potential:
     def evaluate_batch(self, structures: Sequence[tuple], case_embd: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
         """`evaluate` for several (coord, types, cell) structures in one call (one graph, frames side by side)."""
         graphs = [self.graph(coord, types, cell, pad=False) for coord, types, cell in structures]
-        graph = pad_to_buckets(batch_graphs(graphs), self.config)
+        graph = self._sticky_widths(pad_to_buckets(batch_graphs(graphs), self.config))
         out = _compiled_energy_forces_virial(self.model, graph, None if case_embd is None else jnp.asarray(case_embd))
         results, start = [], 0
         for frame, g in enumerate(graphs):
@@ -81,6 +84,13 @@ class Potential:
             })
             start += g.n_atoms
         return results
+
+    def _sticky_widths(self, graph: Graph) -> Graph:
+        """Pad the tables to the widest seen for this atom bucket (one compilation instead of several)."""
+        seen = self._table_widths.get(graph.n_atoms, (0, 0))
+        widths = (max(seen[0], graph.max_neighbors), max(seen[1], graph.max_angle_neighbors))
+        self._table_widths[graph.n_atoms] = widths
+        return pad_graph(graph, graph.n_atoms, *widths)
 
     def cost_analysis(self, coord, types, cell=None) -> dict[str, Any]:
         """XLA's count of FLOPs and bytes accessed for energy + forces + virial of this structure."""

@@ -239,3 +239,24 @@ def test_memory_saving_path_is_differentiable_twice(monkeypatch):
     scale = max(float(jnp.max(jnp.abs(x))) for x in plain_leaves if x.size)
     for a, b in zip(plain_leaves, lean_leaves, strict=True):
         np.testing.assert_allclose(b, a, atol=1e-12 * scale)
+
+
+def test_table_widths_only_grow_so_md_does_not_recompile(monkeypatch):
+    """After a crowded frame, a sparser one with the same atom count is padded to the same table widths (one
+    compiled function serves both), with the numbers of an unpadded evaluation."""
+    import dpa3_ref.potential
+
+    shapes, compiled = [], dpa3_ref.potential._compiled_energy_forces_virial
+    monkeypatch.setattr(dpa3_ref.potential, "_compiled_energy_forces_virial",
+                        lambda model, graph, case: shapes.append(graph.neighbors.shape) or compiled(model, graph, case))
+    potential = Potential.init(TINY, seed=3)
+    positions, types, cell = random_system(6, n=12, periodic=False)
+    crowded = potential.graph(positions * 0.6, types)
+    sparse = potential.graph(positions * 2.5, types)
+    assert sparse.max_neighbors < crowded.max_neighbors  # the test needs two different widths
+    potential.evaluate(positions * 0.6, types)
+    result = potential.evaluate(positions * 2.5, types)
+    assert shapes == [crowded.neighbors.shape] * 2
+    unpadded = jax.jit(energy_forces_virial)(potential.model, potential.graph(positions * 2.5, types, pad=False))
+    np.testing.assert_allclose(result["energy"], unpadded["energy"][0], rtol=1e-13)
+    np.testing.assert_allclose(result["forces"], unpadded["forces"], atol=1e-13)
