@@ -69,7 +69,9 @@ class DPA3Descriptor(eqx.Module):
         edge = self.edge_embedding(edge_input)  # [n_atoms, M, e]
         if not cfg.edge_init_use_dist:
             edge = act(edge)
-        angle = angle_input  # [n_atoms, K, K, 1]: the first layer embeds it, 32× less to keep than a⁰
+        # [n_atoms, K, K, 1]: the first layer embeds it (1 number per angle to keep, not a); no angle
+        # features at all without angle updates, since then no layer reads them
+        angle = angle_input if cfg.update_angle else None
         run = blockwise if is_large(graph.n_atoms) else (lambda step, *rows: step(*rows))
         for index, layer in enumerate(self.layers):
             tables = layer.neighbor_tables(node)
@@ -78,7 +80,7 @@ class DPA3Descriptor(eqx.Module):
 
     def layer_step(self, index: int, tables, node, edge, angle, line_graph: LineGraph):
         """Layer `index` on a block of atoms, computing only what the layers after it use."""
-        if index == 0:
+        if index == 0 and angle is not None:
             angle = self.angle_embedding(angle)  # a⁰ = W_ae x^a  [atoms, K, K, a]
         layer, n_after = self.layers[index], len(self.layers) - 1 - index
         if n_after == 0:  # the last layer: only the descriptor n^L
@@ -123,8 +125,8 @@ def blockwise(step, *rows):
     """step(*rows) computed for blocks of ATOMS_PER_BLOCK atoms in turn (a loop; rows are arrays, or pytrees
     of arrays, with one row per atom). Numerically the same as step(*rows); the point is the backward pass.
 
-    It keeps only what a block reads (its rows and the per-atom tables `step` closes over) and, block by
-    block, recomputes the block's forward pass and pulls the output cotangent back through it. The
+    It keeps only what a block reads (its rows, and the per-atom tables and weights `step` closes over) and,
+    block by block, recomputes the block's forward pass and pulls the output cotangent back through it. The
     cotangent of an input overwrites, block by block, that of the output of the same shape (n, e, a in and
     out), so the backward pass of a layer holds one full-size cotangent per kind, not two."""
     n_atoms = jax.tree.leaves(rows)[0].shape[0]
@@ -135,7 +137,7 @@ def blockwise(step, *rows):
     def put_block(x, value, b):
         return jax.lax.dynamic_update_slice_in_dim(x, value, b * ATOMS_PER_BLOCK, axis=0)
 
-    # The values `step` closes over that carry derivatives (the neighbour tables) become explicit inputs.
+    # The traced values `step` closes over (neighbour tables, and under jit the weights) become explicit inputs.
     example = jax.tree.map(lambda x: block(x, 0), rows)
     closed_step, consts = jax.closure_convert(lambda *block_rows: step(*block_rows), *example)
 

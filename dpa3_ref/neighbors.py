@@ -44,7 +44,7 @@ class Graph(eqx.Module):
     positions: jax.Array  # [n_atoms, 3] Cartesian, Å
     types: jax.Array  # [n_atoms] int, model type index; -1 = padding atom
     atom_frame: jax.Array  # [n_atoms] int, frame of each atom
-    neighbors: jax.Array  # [n_atoms, M] int, atom index j of the neighbour (0 on padding)
+    neighbors: jax.Array  # [n_atoms, M] int, atom index j of the neighbour (a valid index, masked, on padding)
     neighbor_shift: jax.Array  # [n_atoms, M, 3] Cartesian image shift (shift_integers @ cell)
     neighbor_mask: jax.Array  # [n_atoms, M] bool, real edge
     angle_mask: jax.Array  # [n_atoms, K] bool, neighbour m < K is one of i's angle neighbours
@@ -205,7 +205,8 @@ def bucket_size(n: int, minimum: int = 8) -> int:
 
 
 def pad_graph(graph: Graph, n_atoms: int, max_neighbors: int, max_angle_neighbors: int) -> Graph:
-    """Pad to the given sizes: padding atoms have type -1, padding cells point at atom 0, masked."""
+    """Pad to the given sizes: padding atoms have type -1, padding cells point at atom 0, masked (in a batch,
+    `batch_graphs` offsets them to the frame's first atom: any valid index will do)."""
 
     def pad(array, sizes, value=0):
         array = np.asarray(array)

@@ -68,9 +68,9 @@ def first_columns(table: jax.Array, angle_like: jax.Array) -> jax.Array:
 
 def widen_columns(block: jax.Array, edge_like: jax.Array) -> jax.Array:
     """[atoms, K, d] → [atoms, M, d], M = edge_like.shape[1], zero beyond K: the inverse of first_columns."""
-    n_edge = edge_like.shape[1]
-    if isinstance(n_edge, int) and isinstance(block.shape[1], int):
-        return jnp.pad(block, [(0, 0), (0, n_edge - block.shape[1]), (0, 0)])
+    n_columns = edge_like.shape[1]
+    if isinstance(n_columns, int) and isinstance(block.shape[1], int):
+        return jnp.pad(block, [(0, 0), (0, n_columns - block.shape[1]), (0, 0)])
     return jnp.matmul(jnp.swapaxes(_column_selection(block[0, :, 0], edge_like[0], block.dtype), 0, 1), block)
 
 
@@ -104,10 +104,6 @@ class RepFlowLayer(eqx.Module):
     edge_residual: list[jax.Array]  # [e]: self, angle
     angle_residual: list[jax.Array]  # [a]: angle self
     config: DPA3Config = eqx.field(static=True)
-
-    def __call__(self, node: jax.Array, edge: jax.Array, angle: jax.Array, graph: LineGraph):
-        """The layer on all atoms: (node', edge', angle')."""
-        return self.update(self.neighbor_tables(node), node, edge, angle, graph)
 
     def neighbor_tables(self, node: jax.Array) -> NeighborTables:
         """n_j and n_j W^(j) for the two pair linears, once per atom (edges gather them)."""

@@ -192,37 +192,44 @@ def test_errors_name_the_problem(tiny, tmp_path):
         dpa3_ref.load(tmp_path / "other.yaml")
 
 
+def blockwise_for_every_size(monkeypatch) -> list:
+    """Make even small systems take the blockwise path (blocks of 4 atoms); returns a list that records its calls."""
+    import dpa3_ref.descriptor
+
+    calls, blockwise = [], dpa3_ref.descriptor.blockwise
+    monkeypatch.setattr(dpa3_ref.descriptor, "LARGE_SYSTEM", 1)
+    monkeypatch.setattr(dpa3_ref.descriptor, "ATOMS_PER_BLOCK", 4)
+    monkeypatch.setattr(dpa3_ref.descriptor, "blockwise", lambda *args: calls.append(1) or blockwise(*args))
+    return calls
+
+
 @pytest.mark.parametrize(
     "variant",
     [{}, {"nlayers": 4}, {"nlayers": 3, "sequential_update": True},
-     {"nlayers": 3, "update_angle": False, "update_style": "res_avg"}],
+     {"nlayers": 3, "update_angle": False, "update_style": "res_avg"},
+     {"nlayers": 3, "smooth_edge_update": False, "exclude_types": ((0, 1),)}],
 )
 def test_memory_saving_path_for_large_systems_gives_the_same_numbers(variant, monkeypatch):
-    """Large systems run each layer on blocks of atoms, rematerialised; that must not change any number."""
-    import dpa3_ref.descriptor
-
+    """Large systems run each layer on blocks of atoms, recomputed in the backward pass; no number may change."""
     potential = Potential.init(TINY.replace(**variant), seed=3)
     positions, types, cell = random_system(9, n=27)
     graph = potential.graph(positions, types, cell)  # 28 atoms after padding: seven blocks of 4
     assert graph.n_atoms % 4 == 0 and graph.n_atoms > 4
     plain = jax.jit(lambda m, g: energy_forces_virial(m, g))(potential.model, graph)
-    monkeypatch.setattr(dpa3_ref.descriptor, "LARGE_SYSTEM", 1)
-    monkeypatch.setattr(dpa3_ref.descriptor, "ATOMS_PER_BLOCK", 4)
+    calls = blockwise_for_every_size(monkeypatch)
     lean = jax.jit(lambda m, g: energy_forces_virial(m, g))(potential.model, graph)
+    assert len(calls) == potential.config.nlayers  # every layer took the blockwise path
     np.testing.assert_allclose(lean["energy"], plain["energy"], rtol=1e-13)
     np.testing.assert_allclose(lean["atom_energy"], plain["atom_energy"], atol=1e-13)
     np.testing.assert_allclose(lean["forces"], plain["forces"], atol=1e-13)
     np.testing.assert_allclose(lean["virial"], plain["virial"], atol=1e-12)
 
 
-
-
-def test_memory_saving_path_is_differentiable_twice(monkeypatch):
+@pytest.mark.parametrize("variant", [{}, {"nlayers": 3, "sequential_update": True}])
+def test_memory_saving_path_is_differentiable_twice(variant, monkeypatch):
     """Training on forces differentiates forces with respect to the weights, so the blockwise backward pass
     (a custom VJP) must itself be differentiable, and give the plain path's weight gradient."""
-    import dpa3_ref.descriptor
-
-    potential = Potential.init(TINY, seed=3)
+    potential = Potential.init(TINY.replace(**variant), seed=3)
     positions, types, cell = random_system(9, n=27)
     graph = potential.graph(positions, types, cell)
 
@@ -231,9 +238,9 @@ def test_memory_saving_path_is_differentiable_twice(monkeypatch):
         return jnp.sum(out["forces"] ** 2) + jnp.sum(out["energy"])
 
     plain = jax.jit(jax.grad(force_loss))(potential.model)
-    monkeypatch.setattr(dpa3_ref.descriptor, "LARGE_SYSTEM", 1)
-    monkeypatch.setattr(dpa3_ref.descriptor, "ATOMS_PER_BLOCK", 4)
+    calls = blockwise_for_every_size(monkeypatch)
     lean = jax.jit(jax.grad(force_loss))(potential.model)
+    assert len(calls) == potential.config.nlayers
     plain_leaves, lean_leaves = jax.tree.leaves(plain), jax.tree.leaves(lean)
     assert len(plain_leaves) == len(lean_leaves) > 20
     scale = max(float(jnp.max(jnp.abs(x))) for x in plain_leaves if x.size)
@@ -246,9 +253,12 @@ def test_table_widths_only_grow_so_md_does_not_recompile(monkeypatch):
     compiled function serves both), with the numbers of an unpadded evaluation."""
     import dpa3_ref.potential
 
+    def table_shapes(graph):
+        return graph.neighbors.shape, graph.angle_mask.shape
+
     shapes, compiled = [], dpa3_ref.potential._compiled_energy_forces_virial
     monkeypatch.setattr(dpa3_ref.potential, "_compiled_energy_forces_virial",
-                        lambda model, graph, case: shapes.append(graph.neighbors.shape) or compiled(model, graph, case))
+                        lambda model, graph, case: shapes.append(table_shapes(graph)) or compiled(model, graph, case))
     potential = Potential.init(TINY, seed=3)
     positions, types, cell = random_system(6, n=12, periodic=False)
     crowded = potential.graph(positions * 0.6, types)
@@ -256,7 +266,7 @@ def test_table_widths_only_grow_so_md_does_not_recompile(monkeypatch):
     assert sparse.max_neighbors < crowded.max_neighbors  # the test needs two different widths
     potential.evaluate(positions * 0.6, types)
     result = potential.evaluate(positions * 2.5, types)
-    assert shapes == [crowded.neighbors.shape] * 2
+    assert shapes == [table_shapes(crowded)] * 2
     unpadded = jax.jit(energy_forces_virial)(potential.model, potential.graph(positions * 2.5, types, pad=False))
     np.testing.assert_allclose(result["energy"], unpadded["energy"][0], rtol=1e-13)
     np.testing.assert_allclose(result["forces"], unpadded["forces"], atol=1e-13)
