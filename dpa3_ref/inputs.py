@@ -531,7 +531,7 @@ def _descriptor(section: _Section) -> dict[str, Any]:
     """A `dpa3` descriptor section, checked key by key, as the dict `DPA3Config.from_deepmd` reads."""
     descriptor_type = section.get("type", kind=str)
     if descriptor_type != "dpa3":
-        raise section.error("type", f"= {descriptor_type!r}: dpa3-ref implements only the 'dpa3' descriptor")
+        raise section.error("type", f"= {descriptor_type!r} is not supported by dpa3-ref (only 'dpa3')")
     repflow_section = section.section("repflow")
     aliases = {"edge_init_use_dist": ("edge_use_dist",), "use_exp_switch": ("use_env_envelope",)}
     required = ("e_rcut", "e_rcut_smth", "e_sel", "a_rcut", "a_rcut_smth", "a_sel")
@@ -568,7 +568,7 @@ def _fitting(section: _Section) -> dict[str, Any]:
     """An `ener` fitting_net section, checked key by key."""
     fitting_type = section.get("type", "ener", str)
     if fitting_type != "ener":
-        raise section.error("type", f"= {fitting_type!r}: dpa3-ref implements only the 'ener' fitting")
+        raise section.error("type", f"= {fitting_type!r} is not supported by dpa3-ref (only 'ener')")
     defaults = {f.name: f.default for f in dataclasses.fields(DPA3Config)}
     values = {
         "neuron": section.get("neuron", [120, 120, 120], list, aliases=("n_neuron",)),
