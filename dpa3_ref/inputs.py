@@ -43,6 +43,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from dpa3_ref.config import REPFLOW_KEYS, DPA3Config
 from dpa3_ref.data import dataset_paths
 from dpa3_ref.errors import Dpa3Error
@@ -127,7 +129,7 @@ class HeadConfig:
     model: DPA3Config  # the full model of this head (dim_case_embd as the input sets it)
     descriptor_key: str  # the shared_dict name when shared, else f"{name}/descriptor"
     fitting_key: str  # the shared_dict name when shared, else f"{name}/fitting_net"
-    case_index: int | None  # one-hot index of dataset encoding (multitask with dim_case_embd > 0), else None
+    case_index: int | None  # one-hot index of dataset encoding (multitask, dim_case_embd > 0); None: all zeros
     loss: LossConfig
     training_data: DataConfig
     validation_data: DataConfig | None
@@ -176,14 +178,17 @@ class TrainInput:
 
 # =========================================================================== entry points
 def read_input(path: str | Path) -> TrainInput:
-    """Read and check a deepmd-kit training input file (JSON)."""
+    """Read and check a deepmd-kit training input file: JSON, or YAML for a .yaml/.yml file (as `dp train`)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
     except OSError as error:
         raise Dpa3Error(f"{path}: cannot read the input file ({error.strerror})") from error
-    except json.JSONDecodeError as error:
-        raise Dpa3Error(f"{path}: not valid JSON ({error})") from error
+    try:
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise Dpa3Error(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} "
+                        f"({error})") from error
     return parse_input(data, path.parent, source=str(path))
 
 
@@ -280,7 +285,8 @@ class _Section:
 
     def __init__(self, data: Any, path: str, reader: _Reader):
         if not isinstance(data, dict):
-            raise reader.error(f"'{path}' must be a JSON object, got {type(data).__name__}")
+            raise reader.error(f"{repr(path) if path else 'the input'} must be a JSON object, "
+                               f"got {type(data).__name__}")
         self.data = {k: v for k, v in data.items() if not k.startswith("_")}  # "_..." keys are comments
         self.path, self.reader, self.read = path, reader, set()
 
@@ -629,6 +635,8 @@ def _model_settings(section: _Section) -> dict[str, Any]:
         "finetune_head": section.get("finetune_head", None, str),
         "aliases": tuple(section.get("model_branch_alias", [], list)),
     }
+    if not all(isinstance(alias, str) for alias in settings["aliases"]):
+        raise section.error("model_branch_alias", f"must be a list of names, got {list(settings['aliases'])}")
     _positive(section, "data_stat_nbatch", settings["data_stat_nbatch"])
     return settings
 

@@ -171,6 +171,13 @@ def test_reports_a_file_that_is_not_json(tmp_path):
         read_input(path)
 
 
+def test_reads_yaml_like_dp_train(base):
+    yaml = pytest.importorskip("yaml")
+    path = base / "input.yaml"
+    path.write_text(yaml.safe_dump(water_input()))
+    assert read_input(path) == parse_input(water_input(), base, source=str(path))
+
+
 # --------------------------------------------------------------------------- defaults against deepmd-kit
 def deepmd_normalized(data: dict, multitask: bool = False) -> dict:
     """The input as `dp --pt train` sees it after its preprocessing (deepmd/pt/entrypoints/main.py)."""
