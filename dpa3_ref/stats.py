@@ -38,9 +38,9 @@ keyed by head, type map and what was computed, with a fingerprint of everything 
 (the sampled frames' contents and the settings). A later run with the same inputs reads them; a run whose
 inputs differ recomputes and overwrites them, never reusing a stale entry.
 
-Systems are read through two accessors (`_frame_types`, `_atom_energy`) so that both shapes of
-`dpa3_ref.data.System` work: one composition for all frames (`type_indices` returns [n]) or the mixed-type
-layout (`type_indices` returns [frames, n]); per-atom labels are the optional `atom_energy` [frames, n].
+Systems are `dpa3_ref.data.System`s, one composition or the mixed-type layout alike: every function here
+reads the per-frame model types (`all_type_indices`, -1 for a virtual atom, which takes no part) and the
+optional per-atom labels `atom_energy`.
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ import numpy as np
 from dpa3_ref.config import DPA3Config
 from dpa3_ref.errors import Dpa3Error
 from dpa3_ref.neighbors import build_graph
-from dpa3_ref.switch import polynomial_switch
 
 STD_FLOOR = 1e-2  # deepmd-kit's protection: a std below this is raised to it
 STD_NO_SAMPLES = 1e-1  # deepmd-kit's std for a centre type with no sampled atoms
@@ -92,23 +91,6 @@ def sample_frames(
 
 def _all_frames(systems: Sequence) -> list[np.ndarray]:
     return [np.arange(system.n_frames) for system in systems]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# reading systems (the two accessors every function here goes through)
-
-
-def _frame_types(system, type_map: Sequence[str]) -> np.ndarray:
-    """[frames, n] model type index of every atom in every frame (a fixed composition is broadcast)."""
-    types = np.asarray(system.type_indices(list(type_map)))
-    if types.ndim == 1:
-        types = np.broadcast_to(types, (system.n_frames, types.shape[0]))
-    return types
-
-
-def _atom_energy(system) -> np.ndarray | None:
-    """[frames, n] per-atom energy labels (eV), or None when the system has none."""
-    return getattr(system, "atom_energy", None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -216,15 +198,14 @@ def energy_labels(systems: Sequence, type_map: Sequence[str], frames: Sequence[n
     frames = _all_frames(systems) if frames is None else frames
     counts, energy, atom_types, atom_energy = [], [], [], []
     for system, chosen in zip(systems, frames, strict=True):
-        types = _frame_types(system, type_map)[chosen]  # [k, n]
+        types = system.all_type_indices(type_map)[chosen]  # [k, n]
         if system.energy is not None:
             counts.append(count_types(types, len(type_map)))
             energy.append(system.energy[chosen])
-        labels = _atom_energy(system)
-        if labels is not None:
+        if system.atom_energy is not None:
             real = types >= 0
             atom_types.append(types[real])
-            atom_energy.append(np.asarray(labels)[chosen][real])
+            atom_energy.append(system.atom_energy[chosen][real])
     if not energy and not atom_energy:
         raise Dpa3Error("cannot fit energy offsets: no sampled system has energy labels")
 
@@ -280,20 +261,27 @@ class EnvironmentSums:
         return {"count": self.count, "total": self.total, "total_squared": self.total_squared}
 
 
+def host_polynomial_switch(r: np.ndarray, r_smooth: float, r_cut: float) -> np.ndarray:
+    """switch.polynomial_switch in numpy: the statistic runs on the host over frames of many shapes, for
+    each of which jax.numpy would compile its operations anew."""
+    u = np.clip((r - r_smooth) / (r_cut - r_smooth), 0.0, 1.0)
+    return u * u * u * (-6.0 * u * u + 15.0 * u - 10.0) + 1.0
+
+
 def environment_matrix(positions: np.ndarray, types: np.ndarray, cell: np.ndarray | None,
                        config: DPA3Config) -> np.ndarray:
     """R [n_atoms, e_sel, 4] of one frame with the polynomial switch; empty and excluded slots are 0."""
     graph = build_graph(positions, types, cell, config, pad=False)
+    n_atoms, width = graph.neighbors.shape
     positions = np.asarray(graph.positions)
-    mask = np.asarray(graph.neighbor_mask)  # [n, M]
-    vectors = positions[np.asarray(graph.neighbors)] - positions[:, None, :] + np.asarray(graph.neighbor_shift)
-    length = np.where(mask, np.linalg.norm(vectors, axis=-1), 1.0)  # [n, M], 1 on empty slots
-    weight = np.asarray(polynomial_switch(length, config.e_rcut_smth, config.e_rcut)) * mask
+    vectors = np.zeros((n_atoms, config.e_sel, 3))  # [n_atoms, e_sel, 3]
+    vectors[:, :width] = positions[np.asarray(graph.neighbors)] - positions[:, None, :] + np.asarray(graph.neighbor_shift)
+    mask = np.zeros((n_atoms, config.e_sel), bool)
+    mask[:, :width] = np.asarray(graph.neighbor_mask)
+    length = np.where(mask, np.linalg.norm(vectors, axis=-1), 1.0)  # [n_atoms, e_sel], 1 on empty slots
+    weight = host_polynomial_switch(length, config.e_rcut_smth, config.e_rcut) * mask
     inverse = 1.0 / (length + config.env_protection)
-    rows = np.concatenate([inverse[..., None], vectors * (inverse**2)[..., None]], axis=-1) * weight[..., None]
-    environment = np.zeros((positions.shape[0], config.e_sel, 4))
-    environment[:, : rows.shape[1]] = rows  # slots beyond the longest row are empty
-    return environment
+    return np.concatenate([inverse[..., None], vectors * (inverse**2)[..., None]], axis=-1) * weight[..., None]
 
 
 def environment_sums(systems: Sequence, config: DPA3Config,
@@ -302,7 +290,7 @@ def environment_sums(systems: Sequence, config: DPA3Config,
     frames = _all_frames(systems) if frames is None else frames
     sums = EnvironmentSums.zeros(config.ntypes)
     for system, chosen in zip(systems, frames, strict=True):
-        types = _frame_types(system, config.type_map)
+        types = system.all_type_indices(config.type_map)
         for frame in chosen:
             cell = None if system.cell is None else system.cell[frame]
             real = types[frame] >= 0
@@ -358,8 +346,8 @@ def fingerprint(systems: Sequence, type_map: Sequence[str], frames: Sequence[np.
     digest = hashlib.sha256(json.dumps({"type_map": list(type_map), **settings}, sort_keys=True).encode())
     for system, chosen in zip(systems, frames, strict=True):
         chosen = np.asarray(chosen)
-        parts = [chosen, _frame_types(system, type_map)[chosen], system.coord[chosen]]
-        parts += [array[chosen] for array in (system.cell, system.energy, _atom_energy(system)) if array is not None]
+        parts = [chosen, system.all_type_indices(type_map)[chosen], system.coord[chosen]]
+        parts += [array[chosen] for array in (system.cell, system.energy, system.atom_energy) if array is not None]
         for part in parts:
             digest.update(np.ascontiguousarray(part, dtype=np.float64).tobytes())
         digest.update(b"|")
