@@ -14,6 +14,7 @@ import pytest
 
 from dpa3_ref.config import water_example_config
 from dpa3_ref.errors import Dpa3Error
+from tests.shared_paths import DATA, needs_shared
 from dpa3_ref.inputs import (
     DataConfig,
     LossConfig,
@@ -156,7 +157,7 @@ def test_water_example_reads_as_the_recipe(base):
     assert train.ignored == ("model.fitting_net.seed",)  # torch's initialisation seed has no meaning here
 
 
-def test_reads_a_file_relative_to_its_own_directory(base, tmp_path_factory):
+def test_reads_a_file_relative_to_its_own_directory(base):
     path = base / "input.json"
     path.write_text(json.dumps(water_input()))
     train = read_input(path)
@@ -191,6 +192,29 @@ def deepmd_normalized(data: dict, multitask: bool = False) -> dict:
     return argcheck.normalize(update_deepmd_input(data, warning=False), multi_task=multitask)
 
 
+def assert_reads_like_deepmd(train, reference: dict) -> None:
+    """Every value of a single-task TrainInput equals deepmd-kit's normalized input."""
+    head = train.heads[0]
+    for field, value in vars(head.loss).items():
+        assert value == reference["loss"][field], field
+    lr = reference["learning_rate"]
+    for field, value in vars(train.learning_rate).items():
+        assert value == lr[field], field
+    # AdamW gets weight_decay 0.0, not argcheck's 0.001: update_deepmd_input fills it first (the quirk)
+    assert vars(train.optimizer) == reference["optimizer"]
+    for field in ("numb_steps", "disp_file", "disp_freq", "save_freq", "save_ckpt", "max_ckpt_keep",
+                  "enable_ema", "ema_decay", "disp_training", "time_training"):
+        assert getattr(train, field) == reference["training"][field], field
+    assert train.seed == reference["training"].get("seed")
+    assert train.gradient_max_norm == reference["training"].get("gradient_max_norm", 0.0)  # pt: .get(..., 0.0)
+    for data_config, section in ((head.training_data, "training_data"), (head.validation_data, "validation_data")):
+        for field in ("batch_size", "auto_prob", "sys_probs"):
+            assert getattr(data_config, field) == reference["training"][section][field], (section, field)
+    assert head.validation_data.numb_btch == reference["training"]["validation_data"]["numb_btch"]
+    for field in ("data_stat_nbatch", "data_stat_protect", "data_bias_nsample"):
+        assert getattr(head, field) == reference["model"][field], field
+
+
 @pytest.mark.official
 @pytest.mark.parametrize("optimizer", [None, "Adam", "AdamW"])
 def test_defaults_are_deepmd_kits(base, optimizer):
@@ -199,28 +223,13 @@ def test_defaults_are_deepmd_kits(base, optimizer):
     if optimizer:
         data["optimizer"] = {"type": optimizer}
     reference = deepmd_normalized(data)
-    train = parse_input(data, base)
-    head = train.heads[0]
+    assert_reads_like_deepmd(parse_input(data, base), reference)
+    assert reference["learning_rate"]["stop_lr"] == 5e-8  # argcheck's fallback when no stop_lr(_ratio) is given
 
-    for field, value in vars(head.loss).items():
-        assert value == reference["loss"][field], field
-    lr = reference["learning_rate"]
-    for field, value in vars(train.learning_rate).items():
-        assert value == lr[field], field
-    assert lr["stop_lr"] == 5e-8  # argcheck's fallback, not a field default of its own
-    # AdamW gets weight_decay 0.0, not argcheck's 0.001: update_deepmd_input fills it first (the quirk)
-    assert vars(train.optimizer) == reference["optimizer"]
-    for field in ("numb_steps", "disp_file", "disp_freq", "save_freq", "save_ckpt", "max_ckpt_keep",
-                  "enable_ema", "ema_decay", "disp_training", "time_training"):
-        assert getattr(train, field) == reference["training"][field], field
-    assert train.seed is None and "seed" not in reference["training"]
-    assert "gradient_max_norm" not in reference["training"] and train.gradient_max_norm == 0.0  # pt: .get(.., 0.0)
-    for data_config, section in ((head.training_data, "training_data"), (head.validation_data, "validation_data")):
-        for field in ("batch_size", "auto_prob", "sys_probs"):
-            assert getattr(data_config, field) == reference["training"][section][field], (section, field)
-    assert head.validation_data.numb_btch == reference["training"]["validation_data"]["numb_btch"]
-    for field in ("data_stat_nbatch", "data_stat_protect", "data_bias_nsample"):
-        assert getattr(head, field) == reference["model"][field], field
+
+@pytest.mark.official
+def test_water_example_reads_like_deepmd(base):
+    assert_reads_like_deepmd(parse_input(water_input(), base), deepmd_normalized(water_input()))
 
 
 @pytest.mark.official
@@ -295,6 +304,17 @@ def test_multitask_matches_deepmd_kits_expansion(base):
         for field, value in vars(head.loss).items():
             assert value == reference["loss_dict"][head.name][field], (head.name, field)
     assert {head.name: head.data_stat_nbatch for head in train.heads} == {"molecules": 3, "water": 5}
+
+
+@needs_shared
+def test_multitask_on_the_shared_water_and_molecules(tmp_path):
+    data = multitask_input("dpa3")
+    data["training"]["data_dict"]["molecules"]["training_data"]["systems"] = "nopbc_molecules"
+    train = parse_input(data, DATA)
+    molecules, water = train.heads
+    assert [Path(s).name for s in molecules.training_data.systems] == ["C1H4O2", "C3H3O4", "C4H3O1"]
+    assert [Path(s).name for s in water.training_data.systems] == ["data_0", "data_1", "data_2"]
+    assert molecules.model_prob == water.model_prob == 0.5  # three systems each
 
 
 def test_model_prob_defaults_to_the_number_of_systems(base):
