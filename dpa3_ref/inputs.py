@@ -518,18 +518,20 @@ def _auto_prob(section: _Section, value: str, n_systems: int) -> str:
     if value in ("prob_uniform", "prob_sys_size"):
         return value
     style, *blocks = value.split(";")
-    for block in blocks if style == "prob_sys_size" and blocks else [None]:
-        parts = block.split(":") if block else []
-        try:
-            start, end, weight = int(parts[0]), int(parts[1]), float(parts[2])
-            valid = len(parts) == 3 and 0 <= start < end <= n_systems and weight >= 0
-        except (ValueError, IndexError):
-            valid = False
-        if not valid:
-            raise section.error("auto_prob", f"= {value!r}: expected 'prob_uniform', 'prob_sys_size' or "
-                                             f"'prob_sys_size;start:end:weight;...' with 0 <= start < end <= "
-                                             f"{n_systems} (the number of systems) and weight >= 0")
+    if style != "prob_sys_size" or not blocks or not all(_valid_block(block, n_systems) for block in blocks):
+        raise section.error("auto_prob", f"= {value!r}: expected 'prob_uniform', 'prob_sys_size' or "
+                                         f"'prob_sys_size;start:end:weight;...' with 0 <= start < end <= "
+                                         f"{n_systems} (the number of systems) and weight >= 0")
     return value
+
+
+def _valid_block(block: str, n_systems: int) -> bool:
+    parts = block.split(":")
+    try:
+        start, end, weight = int(parts[0]), int(parts[1]), float(parts[2])
+    except (ValueError, IndexError):
+        return False
+    return len(parts) == 3 and 0 <= start < end <= n_systems and weight >= 0
 
 
 # =========================================================================== model sections
@@ -545,14 +547,11 @@ def _descriptor(section: _Section) -> dict[str, Any]:
     repflow = {}
     for key in REPFLOW_KEYS:
         default = _REQUIRED if key in required else defaults[key]
+        if key.endswith("_sel") and isinstance(repflow_section.data.get(key), str):
+            raise repflow_section.error(key, f"= {repflow_section.data[key]!r} (a selection from neighbour "
+                                             "statistics) is not supported by dpa3-ref; give an integer")
         kind = int if key.endswith("_sel") else type(defaults[key])
-        try:
-            repflow[key] = repflow_section.get(key, default, kind, aliases=aliases.get(key, ()))
-        except Dpa3Error:
-            if isinstance(repflow_section.data.get(key), str) and key.endswith("_sel"):
-                raise repflow_section.error(key, "= 'auto...' (neighbour statistics) is not supported by "
-                                                 "dpa3-ref; give an integer") from None
-            raise
+        repflow[key] = repflow_section.get(key, default, kind, aliases=aliases.get(key, ()))
     if repflow_section.get("skip_stat", False, bool):  # deprecated: forces fix_stat_std = 0.3 (dpmodel dpa3.py)
         repflow["fix_stat_std"] = 0.3
     repflow_section.done()
