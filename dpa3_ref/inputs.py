@@ -645,9 +645,7 @@ def _build(section: _Section, type_map: Any, descriptor: dict, fitting: dict) ->
         raise section.error("type_map", f"must be a list of element names, got {type_map!r}")
     try:
         return DPA3Config.from_deepmd({"type_map": type_map, "descriptor": descriptor, "fitting_net": fitting})
-    except Dpa3Error as error:
-        raise section.reader.error(f"'{section.path}': {error}") from error
-    except TypeError as error:  # a value of the wrong type reached the dataclass
+    except (Dpa3Error, TypeError) as error:  # TypeError: a value of the wrong type reached the dataclass
         raise section.reader.error(f"'{section.path}': {error}") from error
 
 
