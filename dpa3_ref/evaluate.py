@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="deepmd-kit .dp/.yaml model or dpa3-ref checkpoint")
     parser.add_argument("--system", required=True, type=Path, help="deepmd/npy system directory or extxyz file")
     parser.add_argument("--out", required=True, type=Path, help="output .npz: energy, atom_energy, forces, virial")
+    parser.add_argument("--head", help="the head (dataset) of a multitask model")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.out.parent.is_dir():
         raise Dpa3Error(f"{args.out}: directory {args.out.parent} does not exist")
     system = read_system(args.system)
-    potential = dpa3_ref.load(args.model)
+    potential = dpa3_ref.load(args.model, head=args.head)
     predictions = evaluate_system(potential, system)
     write_npz_atomically(args.out, predictions)
     print(f"wrote {args.out}: {system.n_frames} frames of {system.n_atoms} atoms")

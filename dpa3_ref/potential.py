@@ -106,17 +106,36 @@ class Potential:
         save_model(self.model, path)
 
 
-def load(path: str | Path) -> Potential:
-    """A model from an official deepmd-kit file (.dp, .yaml) or our own checkpoint (.npz)."""
+def load(path: str | Path, head: str | None = None) -> Potential:
+    """A model from an official deepmd-kit file (.dp, .yaml) or our own model file (.npz).
+
+    A multitask model file holds several heads (one per training dataset): `head` picks one, and is
+    required for such a file. For a single model, `head` may be None or "Default".
+    """
     path = Path(path)
     if not path.exists():
         raise Dpa3Error(f"model file {path} does not exist")
     if path.suffix in (".dp", ".yaml", ".yml"):
         from dpa3_ref.official import load_official
 
-        return Potential(load_official(path))
-    if path.suffix == ".npz":
+        model = load_official(path)
+    elif path.suffix == ".npz":
         from dpa3_ref.checkpoint import load_model
 
-        return Potential(load_model(path))
-    raise Dpa3Error(f"{path}: unknown model file type {path.suffix!r} (expected .dp, .yaml or .npz)")
+        model = load_model(path)
+    else:
+        raise Dpa3Error(f"{path}: unknown model file type {path.suffix!r} (expected .dp, .yaml or .npz)")
+    return Potential(select_head(model, head, path))
+
+
+def select_head(model, head: str | None, source: str | Path) -> DPA3Model:
+    """The head `head` of a multitask model, or a single model itself (when head is None or "Default")."""
+    from dpa3_ref.multitask import SINGLE_TASK, MultiTaskModel
+
+    if isinstance(model, MultiTaskModel):
+        if head is None:
+            raise Dpa3Error(f"{source} is a multitask model: choose a head with --head (or head=...), one of {model.head_names}")
+        return model.head(head)
+    if head not in (None, SINGLE_TASK):
+        raise Dpa3Error(f"{source} is a single-task model without heads; it has no head {head!r}")
+    return model
