@@ -15,7 +15,9 @@ of atoms of type t in frame f and E_f the frame's energy label,
 
 so a type absent from the data gets b_t = 0. Where per-atom energy labels e_i exist they take priority:
 b_t = mean of e_i over the labelled atoms of type t, and a type without labelled atoms falls back to the
-least-squares value (0 if there is none). Fine-tuning (`change_by_statistic`) applies the same fit to the
+least-squares value (0 if there is none). (deepmd-kit 3.2.0 looks for these labels under the data key
+`atom_energy`, while its `ener` loss loads `atom_ener.npy` as `atom_ener`, and only when the loss uses it:
+so `dp --pt train` in practice fits total energies only. `use_atom_energy=False` does the same.) Fine-tuning (`change_by_statistic`) applies the same fit to the
 residual label − prediction of the inherited model and *adds* it to the inherited out_bias, so that the new
 model reproduces the least-squares-optimal offsets on the new data; `set_by_statistic` (a new fitting net)
 fits the labels themselves.
@@ -54,10 +56,13 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import equinox as eqx
+import jax.numpy as jnp
 import numpy as np
 
 from dpa3_ref.config import DPA3Config
 from dpa3_ref.errors import Dpa3Error
+from dpa3_ref.model import DPA3Model
 from dpa3_ref.neighbors import build_graph
 
 STD_FLOOR = 1e-2  # deepmd-kit's protection: a std below this is raised to it
@@ -193,8 +198,10 @@ class EnergyLabels:
                            ntypes=self.counts.shape[1], rcond=rcond)
 
 
-def energy_labels(systems: Sequence, type_map: Sequence[str], frames: Sequence[np.ndarray] | None = None) -> EnergyLabels:
-    """Collect counts and labels of the sampled `frames` of every system (all frames if None)."""
+def energy_labels(systems: Sequence, type_map: Sequence[str], frames: Sequence[np.ndarray] | None = None, *,
+                  use_atom_energy: bool = True) -> EnergyLabels:
+    """Collect counts and labels of the sampled `frames` of every system (all frames if None); per-atom labels
+    are ignored with use_atom_energy=False (what deepmd-kit's training does in practice, module docstring)."""
     frames = _all_frames(systems) if frames is None else frames
     counts, energy, atom_types, atom_energy = [], [], [], []
     for system, chosen in zip(systems, frames, strict=True):
@@ -202,7 +209,7 @@ def energy_labels(systems: Sequence, type_map: Sequence[str], frames: Sequence[n
         if system.energy is not None:
             counts.append(count_types(types, len(type_map)))
             energy.append(system.energy[chosen])
-        if system.atom_energy is not None:
+        if use_atom_energy and system.atom_energy is not None:
             real = types >= 0
             atom_types.append(types[real])
             atom_energy.append(system.atom_energy[chosen][real])
@@ -452,13 +459,14 @@ class TaskStatistics:
 
 def task_statistics(systems: Sequence, config: DPA3Config, frames: Sequence[np.ndarray] | None = None, *,
                     stat_file: StatFile | None = None, head: str = "Default",
-                    rcond: float | None = None) -> TaskStatistics:
+                    rcond: float | None = None, use_atom_energy: bool = True) -> TaskStatistics:
     """Energy offsets and (if fix_stat_std = 0) environment sums of one task, through the cache if given."""
     frames = _all_frames(systems) if frames is None else frames
     type_map = config.type_map
 
     def bias() -> dict[str, np.ndarray]:
-        return {"out_bias": energy_labels(systems, type_map, frames).bias(rcond=rcond)}
+        labels = energy_labels(systems, type_map, frames, use_atom_energy=use_atom_energy)
+        return {"out_bias": labels.bias(rcond=rcond)}
 
     def environment() -> dict[str, np.ndarray]:
         return environment_sums(systems, config, frames).as_arrays()
@@ -469,8 +477,26 @@ def task_statistics(systems: Sequence, config: DPA3Config, frames: Sequence[np.n
         key = fingerprint(systems, type_map, frames, kind=kind, **settings)
         return stat_file.load_or_compute(head, type_map, kind, key, compute)
 
-    out_bias = cached("energy_bias", bias, rcond=rcond)["out_bias"]
+    out_bias = cached("energy_bias", bias, rcond=rcond, use_atom_energy=use_atom_energy)["out_bias"]
     sums = None
     if config.fix_stat_std == 0:
         sums = EnvironmentSums(**cached("environment", environment, **descriptor_settings(config)))
     return TaskStatistics(out_bias=np.asarray(out_bias, np.float64), environment=sums)
+
+
+def with_statistics(model: DPA3Model, *, out_bias: np.ndarray | None = None, davg: np.ndarray | None = None,
+                    dstd: np.ndarray | None = None) -> DPA3Model:
+    """`model` with the given statistics, each cast to the dtype the model keeps it in (None = unchanged)."""
+    replacements = {
+        "out_bias": (lambda m: m.out_bias, out_bias),
+        "davg": (lambda m: m.descriptor.davg, davg),
+        "dstd": (lambda m: m.descriptor.dstd, dstd),
+    }
+    for name, (where, value) in replacements.items():
+        if value is None:
+            continue
+        current = where(model)
+        if np.shape(value) != current.shape:
+            raise Dpa3Error(f"{name} has shape {np.shape(value)}, the model's is {current.shape}")
+        model = eqx.tree_at(where, model, jnp.asarray(value, current.dtype))
+    return model

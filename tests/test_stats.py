@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import equinox as eqx
 import h5py
+import jax
 import numpy as np
 import pytest
 from deepmd.dpmodel.model.model import get_model
@@ -21,6 +23,8 @@ from deepmd.dpmodel.utils.stat import compute_output_stats
 from dpa3_ref import stats
 from dpa3_ref.config import DPA3Config
 from dpa3_ref.data import System
+from dpa3_ref.errors import Dpa3Error
+from dpa3_ref.model import init_model
 from dpa3_ref.switch import polynomial_switch
 
 TINY = DPA3Config(
@@ -128,6 +132,16 @@ def test_energy_bias_matches_deepmd_kit_without_per_atom_labels():
     sampled = [_deepmd_sample(s, TINY.type_map, np.arange(s.n_frames)) for s in systems]
     official, _ = compute_output_stats(sampled, ntypes=3, keys=["energy"])
     np.testing.assert_allclose(labels.bias(), official["energy"].ravel(), rtol=1e-13, atol=1e-13)
+
+
+def test_per_atom_labels_can_be_ignored_like_deepmd_kits_ener_training():
+    rng = np.random.default_rng(14)
+    systems = labelled_systems(rng)
+    total_only = stats.energy_labels(systems, TINY.type_map, use_atom_energy=False)
+    assert total_only.atom_energy.size == 0
+    sampled = [_deepmd_sample(s, TINY.type_map, np.arange(s.n_frames), atom_labels=False) for s in systems]
+    official, _ = compute_output_stats(sampled, ntypes=3, keys=["energy"])
+    np.testing.assert_allclose(total_only.bias(), official["energy"].ravel(), rtol=1e-13, atol=1e-13)
 
 
 def test_mixed_type_system_counts_each_frame_by_its_own_composition():
@@ -275,6 +289,21 @@ def test_merged_statistics_pool_the_tasks_like_deepmd_kit():
     merge_env_stat(base.repflows, link.repflows, 0.3 / 0.7)
     _, weighted = stats.merge_descriptor_statistics(sums, config, weights=[0.7, 0.3])
     np.testing.assert_allclose(weighted, np.asarray(base.get_stat_mean_and_stddev()[1][0]), rtol=1e-12)
+
+
+def test_statistics_go_into_the_model_in_its_own_dtypes():
+    # only shapes and dtypes matter here: a model skeleton, no weights (which would cost a compilation)
+    model = eqx.filter_eval_shape(init_model, TINY.replace(precision="float32", fix_stat_std=0.0),
+                                  key=jax.random.key(0))
+    systems = labelled_systems(np.random.default_rng(15))
+    task = stats.task_statistics(systems, model.config)
+    davg, dstd = task.davg_dstd(model.config)
+    updated = stats.with_statistics(model, out_bias=task.out_bias, davg=davg, dstd=dstd)
+    assert updated.out_bias.dtype == np.float64 and updated.descriptor.dstd.dtype == np.float32
+    np.testing.assert_array_equal(updated.out_bias, task.out_bias)
+    np.testing.assert_allclose(updated.descriptor.dstd, dstd, rtol=1e-7)
+    with pytest.raises(Dpa3Error, match="dstd has shape"):
+        stats.with_statistics(model, dstd=dstd[:, :3])
 
 
 # ------------------------------------------------------------------------------------------------ the stat file
