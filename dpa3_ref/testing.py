@@ -32,7 +32,10 @@ reference columns first: PREFIX.e.out (data_e pred_e), .e_peratom.out (the same 
 .s.out (stress, for periodic systems with virial labels). As dp test does, the file name is
 `Path(PREFIX).with_suffix(".e.out")`, the systems follow one another and only the first names its system
 in the `#` header line. Where dp test writes zeros for a missing label, we write nan, so that a missing
-label cannot pass for a zero one.
+label cannot pass for a zero one. Systems found below a directory are tested in sorted order.
+
+Checked against `dp --pt test` on the official water model (tests/test_testing_cli.py): every number of
+the table and every detail-file value agree (to dp test's 7 printed digits; detail files to 3e-11 eV).
 """
 
 from __future__ import annotations
@@ -231,21 +234,22 @@ def _first_frames(system: System, numb_test: int) -> System:
 def format_scores(scores: dict, model: Path | str | None = None) -> str:
     """A table: one row per system and one for the weighted average; a column pair (MAE, RMSE) per
     quantity that at least one system has a label for."""
-    rows = [*scores["systems"], scores["average"]]
-    shown = [key for key in QUANTITIES if any(np.isfinite(row[f"rmse_{key}"]) for row in rows)]
+    named_rows = [(f"[{index}]", row) for index, row in enumerate(scores["systems"], start=1)]
+    named_rows.append(("average", scores["average"]))
+    shown = [key for key in QUANTITIES if any(np.isfinite(row[f"rmse_{key}"]) for _, row in named_rows)]
     lines = [] if model is None else [f"# model : {model}"]
-    lines += [f"# [{index}] {row['system']}  ({row['n_frames']} frames of {row['n_atoms']} atoms)"
-              for index, row in enumerate(scores["systems"], start=1)]
+    lines += [f"# {name} {row['system']}  ({row['n_frames']} frames of {row['n_atoms']} atoms)"
+              for name, row in named_rows[:-1]]
     if not shown:
         lines.append("# no system has energy, force or virial labels: nothing to compare")
         return "\n".join(lines)
-    number, pair = 10, 21  # width of one number and of an (MAE, RMSE) column pair, with their spaces
-    head = f"{'':<9}{'':>7}" + "".join(f"{'{} ({})'.format(*QUANTITIES[key]):>{pair + 1}}" for key in shown)
-    sub = f"{'system':<9}{'frames':>7}" + "".join(f"{'MAE':>{number + 1}}{'RMSE':>{number + 1}}" for _ in shown)
-    lines += ["", head, sub]
-    for index, row in enumerate(rows, start=1):
-        name = f"[{index}]" if index <= len(scores["systems"]) else "average"
-        cells = "".join(f" {_number(row[f'mae_{key}']):>{number}} {_number(row[f'rmse_{key}']):>{number}}"
+    width = 10  # of one number; a quantity's (MAE, RMSE) pair takes 2 * (width + 1) characters
+    titles = ["{} ({})".format(*QUANTITIES[key]) for key in shown]
+    lines.append("")
+    lines.append(" " * 16 + "".join(f"{title:>{2 * width + 2}}" for title in titles))
+    lines.append(f"{'system':<9}{'frames':>7}" + f"{'MAE':>{width + 1}}{'RMSE':>{width + 1}}" * len(shown))
+    for name, row in named_rows:
+        cells = "".join(f" {_number(row[f'mae_{key}']):>{width}} {_number(row[f'rmse_{key}']):>{width}}"
                         for key in shown)
         lines.append(f"{name:<9}{row['n_frames']:>7}{cells}")
     lines.append(f"# average over {scores['average']['n_systems']} systems as dp test: all values pooled "

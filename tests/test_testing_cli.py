@@ -6,9 +6,10 @@ MAE = mean |noise|, RMSE = sqrt(mean noise²), per atom with noise / N, and over
 noise of all systems pooled (deepmd-kit 3.2.0, deepmd/utils/weight_avg.py: the pooled value is what the
 weighted average reproduces). Tolerance 1e-9: the noise is ~0.1 and the only other difference is the
 round-off of the label files (float64 .npy: none). Most systems have 4 frames of 3 or 6 atoms: few shapes,
-few compilations.
+few compilations. One test compares with the numbers deepmd-kit's own `dp test` printed on water frames.
 """
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from dpa3_ref import DPA3Config, Potential, load
 from dpa3_ref import cli
 from dpa3_ref.data import read_system
 from dpa3_ref.testing import score_systems
+from tests.shared_paths import SHARED, needs_shared
 
 TOLERANCE = dict(rtol=1e-9, atol=1e-12)
 TINY = DPA3Config(type_map=("O", "H"), n_dim=8, e_dim=4, a_dim=4, nlayers=1, e_sel=20, a_sel=8, e_rcut=4.0,
@@ -243,6 +245,43 @@ def test_extxyz_system(tmp_path, model_file, potential):
     assert np.isnan(system["rmse_v"])
 
 
+# --------------------------------------------------------------------------- the official numbers
+# `dp --pt test -m model.pth -s ROOT -d detail` (deepmd-kit 3.2.0, water_small_f64/model.dp converted with
+# `dp convert-backend`), run once on the ROOT built below: (MAE, RMSE) per system and weighted over both,
+# printed by dp test with 7 digits. System a has no virial labels; b has random ones.
+OFFICIAL_DP_TEST = {
+    "a": {"e": (4.636176e+02, 4.636177e+02), "ea": (2.414675e+00, 2.414676e+00), "f": (6.003724e-01, 8.025476e-01)},
+    "b": {"e": (4.628085e+02, 4.628092e+02), "ea": (2.410461e+00, 2.410465e+00), "f": (6.122131e-01, 8.200309e-01),
+          "v": (3.305524e+00, 4.829346e+00), "va": (1.721627e-02, 2.515284e-02), "s": (1.715106e-03, 2.505758e-03)},
+    "average": {"e": (4.633479e+02, 4.633484e+02), "ea": (2.413270e+00, 2.413273e+00),
+                "f": (6.043193e-01, 8.084174e-01), "v": (3.305524e+00, 4.829346e+00),
+                "va": (1.721627e-02, 2.515284e-02), "s": (1.715106e-03, 2.505758e-03)},
+}
+
+
+@needs_shared
+def test_matches_dp_test_on_water(tmp_path):
+    water = SHARED / "data" / "water"
+    for name, source, n_frames in (("a", "data_0", 4), ("b", "data_1", 2)):
+        (tmp_path / name / "set.000").mkdir(parents=True)
+        for raw in ("type.raw", "type_map.raw"):
+            shutil.copy(water / source / raw, tmp_path / name / raw)
+        for array in ("coord", "box", "energy", "force"):
+            np.save(tmp_path / name / "set.000" / f"{array}.npy",
+                    np.load(water / source / "set.000" / f"{array}.npy")[:n_frames])
+    np.save(tmp_path / "b" / "set.000" / "virial.npy", np.random.default_rng(0).normal(0, 1.0, (2, 9)))
+
+    potential = load(SHARED / "reference" / "water_small_f64" / "model.dp")
+    scores = score_systems(potential, [read_system(tmp_path / "a"), read_system(tmp_path / "b")], progress=False)
+    reported = {"a": scores["systems"][0], "b": scores["systems"][1], "average": scores["average"]}
+    for name, quantities in OFFICIAL_DP_TEST.items():
+        for key, (official_mae, official_rmse) in quantities.items():
+            # 7 printed digits: the last one is rounded
+            np.testing.assert_allclose(reported[name][f"mae_{key}"], official_mae, rtol=1e-6, err_msg=f"{name} {key}")
+            np.testing.assert_allclose(reported[name][f"rmse_{key}"], official_rmse, rtol=1e-6, err_msg=f"{name} {key}")
+    assert np.isnan(reported["a"]["rmse_v"])
+
+
 # --------------------------------------------------------------------------- mistakes
 def test_missing_model_is_one_line_with_status_2(tmp_path, potential, capsys):
     make_labelled_system(tmp_path / "water", potential, WATER_6, n_frames=4)
@@ -268,3 +307,11 @@ def test_missing_system_is_one_line_with_status_2(tmp_path, model_file, capsys):
     status = cli.main(["test", "--model", str(model_file), "--system", str(tmp_path / "nowhere")])
     error = capsys.readouterr().err.strip()
     assert status == 2 and len(error.splitlines()) == 1 and "nowhere" in error
+
+
+def test_head_is_passed_to_the_model_loader(tmp_path, model_file, potential, capsys):
+    pytest.importorskip("dpa3_ref.multitask", reason="heads arrive with multitask models")
+    make_labelled_system(tmp_path / "water", potential, WATER_6, n_frames=4)
+    status = cli.main(["test", "--model", str(model_file), "--system", str(tmp_path / "water"), "--head", "water"])
+    error = capsys.readouterr().err.strip()
+    assert status == 2 and len(error.splitlines()) == 1 and "'water'" in error  # a single model has no heads
