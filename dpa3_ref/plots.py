@@ -116,8 +116,8 @@ def learning_curve_figure(curve: Mapping[str, np.ndarray]) -> Figure:
         for column_quantity, split, head, name in columns:
             if column_quantity == quantity and _has_data(curve[name]):
                 label = ("validation" if split == "val" else "training") + (f" ({head})" if head else "")
-                ax.plot(curve["step"], curve[name], color=colours[head or ""], linestyle="-" if split == "val" else "--",
-                        label=label)
+                ax.plot(curve["step"], curve[name], color=colours[head or ""],
+                        linestyle="-" if split == "val" else "--", label=label)
         ax.set_yscale("log")
         ax.set_ylabel(f"RMSE ({unit})")
         ax.set_title(title)

@@ -59,7 +59,8 @@ def test_reads_a_single_task_lcurve_with_validation(tmp_path):
     values = rng.uniform(1e-3, 1.0, (3, 4, 2))  # [steps, quantities, (val, trn)]
     values[1, 3, 0] = np.nan  # no virial label in this validation batch
     text = lcurve_header({None: True}) + "".join(
-        lcurve_row(step, rate, {None: [tuple(v) for v in values[i]]}) for i, (step, rate) in enumerate(zip(steps, rates)))
+        lcurve_row(step, rate, {None: [tuple(pair) for pair in values[i]]})
+        for i, (step, rate) in enumerate(zip(steps, rates, strict=True)))
     (tmp_path / "lcurve.out").write_text(text)
 
     curve = read_lcurve(tmp_path / "lcurve.out")

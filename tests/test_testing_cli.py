@@ -1,12 +1,12 @@
 """`dpa3 test`: dp test's errors, checked on labels made from the model's own predictions plus known noise.
 
 Each labelled system is written as label = prediction − noise (the prediction from one
-`Potential.evaluate_batch` of all its frames), so every error `dpa3 test` reports must equal a numpy statistic of the noise:
-MAE = mean |noise|, RMSE = sqrt(mean noise²), per atom with noise / N, and over several systems of the
-noise of all systems pooled (deepmd-kit 3.2.0, deepmd/utils/weight_avg.py: the pooled value is what the
-weighted average reproduces). Tolerance 1e-9: the noise is ~0.1 and the only other difference is the
-round-off of the label files (float64 .npy: none). Most systems have 4 frames of 3 or 6 atoms: few shapes,
-few compilations. One test compares with the numbers deepmd-kit's own `dp test` printed on water frames.
+`Potential.evaluate_batch` of all its frames), so every error `dpa3 test` reports must equal a numpy
+statistic of the noise: MAE = mean |noise|, RMSE = sqrt(mean noise²), per atom with noise / N, and over
+several systems the statistic of all their noise pooled (deepmd-kit 3.2.0, deepmd/utils/weight_avg.py: the
+pooled value is what dp test's weighted average reproduces). Tolerance 1e-9 relative: the labels are stored
+in float64, so the only difference is summation round-off. Most systems have 4 frames of 3 or 6 atoms: few
+shapes, few compilations. One test compares with the numbers deepmd-kit's own `dp test` printed on water frames.
 """
 
 import shutil
@@ -187,7 +187,7 @@ def test_command_prints_a_table_and_writes_dp_test_detail_files(tmp_path, model_
     assert status == 0
     table = capsys.readouterr().out.splitlines()
     assert any("virial (eV)" in line for line in table) and any("force (eV/Å)" in line for line in table)
-    rows = {line.split()[0]: line.split() for line in table if line.split() and line.split()[0] in ("[1]", "[2]", "average")}
+    rows = {words[0]: words for words in map(str.split, table) if words and words[0] in ("[1]", "[2]", "average")}
     assert rows["[1]"][1] == "4" and rows["[2]"][1] == "4" and rows["average"][1] == "8"
     # row [1]: frames, then (MAE, RMSE) of e, ea, f, v, va, s, printed to 4 digits
     expected = expected_errors(noise_a, 6, structures(4, WATER_6, True, 1)[1])
