@@ -1,4 +1,4 @@
-"""The `dpa3` command line: `dpa3 eval`, `dpa3 demo`, `dpa3 check-invariance`, `dpa3 bench`.
+"""The `dpa3` command line: `dpa3 train`, `dpa3 test`, `dpa3 eval`, `dpa3 export`, `dpa3 demo`, `dpa3 check-invariance`, `dpa3 bench`.
 
 Each subcommand lives in the module of its concept; this file only wires them up.
 Errors that users can cause (a missing file, an unknown element) are `Dpa3Error`s and are
@@ -16,6 +16,8 @@ from dpa3_ref.errors import Dpa3Error
 
 # subcommand -> (module that implements it, one-line help)
 SUBCOMMANDS = {
+    "train": ("dpa3_ref.train", "train a DPA3 model from a deepmd-kit input.json (single or multitask)"),
+    "test": ("dpa3_ref.testing", "RMSE/MAE of a model on labelled systems, like dp test"),
     "eval": ("dpa3_ref.evaluate", "evaluate a model on a deepmd/npy system or an extxyz file"),
     "demo": ("dpa3_ref.demo", "build a model, evaluate a generated structure, run a short NVE MD"),
     "export": ("dpa3_ref.export_onnx", "export a model to ONNX (energy, forces and virial in the graph)"),
