@@ -503,39 +503,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = read_input(args.input)
-    workdir = Path.cwd()
     if args.model_branch and not args.finetune:
         raise Dpa3Error("--model-branch is only used with --finetune")
+    try:
+        train(read_input(args.input), Path.cwd(), init_model=args.init_model, restart=args.restart,
+              finetune=args.finetune, model_branch=args.model_branch, output=args.output,
+              progress=not args.no_progress, plots=not args.no_plots)
+    except TrainingInterrupted as stop:
+        print(f"dpa3 train: {stop}; continue with: dpa3 train {args.input} --restart {stop.checkpoint}", file=sys.stderr)
+        return 128 + stop.signum
+    return 0
+
+
+def train(config: TrainInput, workdir: Path, *, init_model=None, restart=None, finetune=None, model_branch=None,
+          output: str = "model.npz", progress: bool = True, plots: bool = True) -> Path:
+    """`dpa3 train` as a function: train in `workdir`, write the final model there and return its path."""
     started = time.perf_counter()
+    workdir = Path(workdir)
     skeleton = eqx.filter_eval_shape(init_multitask, heads_of(config), key=jax.random.key(0))
     trainer = Trainer(config, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), skeleton), workdir)
-    if args.restart:
-        trainer.state = read_checkpoint(Path(args.restart), trainer)
-        print(f"restart  from {args.restart} at step {trainer.state.step}")
+    if restart:
+        trainer.state = read_checkpoint(Path(restart), trainer)
+        print(f"restart  from {restart} at step {trainer.state.step}")
     else:
-        if args.init_model:
-            model = init_model_weights(config, Path(args.init_model))
-            print(f"init     weights, statistics and energy offsets from {args.init_model}")
-        elif args.finetune:
+        if init_model:
+            model = init_model_weights(config, Path(init_model))
+            print(f"init     weights, statistics and energy offsets from {init_model}")
+        elif finetune:
             from dpa3_ref.finetune import finetune_model
 
-            model = finetune_model(config, Path(args.finetune), args.model_branch,
+            model = finetune_model(config, Path(finetune), model_branch,
                                    {name: data.systems for name, data in trainer.data.items()})
-            print(f"finetune from {args.finetune}" + (f" (head {args.model_branch})" if args.model_branch else ""))
+            print(f"finetune from {finetune}" + (f" (head {model_branch})" if model_branch else ""))
         else:
             model = fresh_model(config, trainer.data)
         trainer.start_from(model)
     describe(config, trainer)
-    try:
-        trainer.train(progress=not args.no_progress)
-    except TrainingInterrupted as stop:
-        print(f"dpa3 train: {stop}; continue with: dpa3 train {args.input} --restart {stop.checkpoint}", file=sys.stderr)
-        return 128 + stop.signum
-    output = workdir / args.output
-    save_model(trainer.final_model(), output)
-    summarise(trainer, output, time.perf_counter() - started, plots=not args.no_plots)
-    return 0
+    trainer.train(progress=progress)
+    path = workdir / output
+    save_model(trainer.final_model(), path)
+    summarise(trainer, path, time.perf_counter() - started, plots=plots)
+    return path
 
 
 def describe(config: TrainInput, trainer: Trainer) -> None:
