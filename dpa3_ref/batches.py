@@ -258,7 +258,7 @@ def make_batch(system: System, frames: np.ndarray, config: DPA3Config,
     frames = np.asarray(frames, dtype=np.int64)
     if frames.ndim != 1 or frames.size == 0:
         raise Dpa3Error(f"{system.source}: a batch needs a non-empty list of frame indices, got {frames.tolist()}")
-    types = system.all_type_indices(config.type_map)[frames]  # [b, n], -1 = virtual atom
+    types = np.stack([system.frame_type_indices(f, config.type_map) for f in frames])  # [b, n], -1 = virtual
     real = types >= 0  # [b, n]
     graphs = [
         build_graph(system.coord[f][keep], t[keep], None if system.cell is None else system.cell[f], config, pad=False)
@@ -285,7 +285,7 @@ def _labels(system: System, frames: np.ndarray, real: np.ndarray, n_padded: int)
         return np.zeros((frames.size, *shape)) if label is None else label[frames].astype(np.float64)
 
     def found(label: np.ndarray | None) -> np.ndarray:
-        return np.float64(label is not None)
+        return np.array(1.0 if label is not None else 0.0)  # [] float64
 
     return Labels(
         energy=per_frame(system.energy, ()),

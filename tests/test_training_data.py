@@ -25,6 +25,7 @@ from dpa3_ref.data import dataset_paths, read_system, read_systems
 from dpa3_ref.errors import Dpa3Error
 from dpa3_ref.model import energy_forces_virial, init_model
 from dpa3_ref.neighbors import build_graph
+from tests.shared_paths import DATA, needs_shared
 
 _energy_forces_virial = eqx.filter_jit(energy_forces_virial)  # one compilation per shape, far faster than eager
 TINY = DPA3Config(type_map=("O", "H"), n_dim=8, e_dim=4, a_dim=4, nlayers=1, e_sel=20, a_sel=8, e_rcut=4.0,
@@ -255,6 +256,16 @@ def test_dataset_path_errors_name_the_path(tmp_path, paths, message):
     (tmp_path / "empty").mkdir()
     with pytest.raises(Dpa3Error, match=message):
         read_systems([str(tmp_path / p) for p in paths], ["O", "H"])
+
+
+@needs_shared
+def test_the_shared_datasets_read_and_check_as_one_dataset():
+    water = read_systems(DATA / "water", ["O", "H"])
+    assert [s.source.name for s in water] == ["data_0", "data_1", "data_2", "data_3"]
+    assert resolve_batch_sizes("auto", [s.n_atoms for s in water]) == [1, 1, 1, 1]  # 192 atoms ≥ 32
+    molecules = read_systems([DATA / "nopbc_molecules"], ["H", "C", "O"])
+    assert [s.cell for s in molecules] == [None, None, None]
+    np.testing.assert_array_equal(molecules[0].type_counts(["H", "C", "O"])[0], [4, 1, 2])  # C1H4O2
 
 
 # --------------------------------------------------------------------------- batch sizes: deepmd-kit's own rules
