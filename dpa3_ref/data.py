@@ -23,9 +23,11 @@ The deepmd/npy layout (one system per directory; deepmd/utils/data.py of deepmd-
                                          the mixed-type layout; in every set or in none. type.raw then
                                          only gives the number of slots n.
 
-A label is present in every set or in none (deepmd-kit would silently fill the missing sets with zeros and
-train on them). Virtual atoms take no part in anything: their coordinates and labels are ignored, and the
-batches (batches.py) leave them out of the graph.
+A label is present in every set or in none: deepmd-kit fills a missing set with zeros, and since a batch
+takes its find_* flag from its first frame (collate_batch in deepmd/pt/utils/dataloader.py), it may train on
+those zeros. Virtual atoms take no part in anything: their coordinates and labels are ignored, and the
+batches (batches.py) leave them out of the graph. An element that type_map.raw lists but no atom uses is
+harmless here (deepmd-kit refuses it when the model's type map lacks it).
 
 Units everywhere: Å, eV, eV/Å; the virial is in eV and follows deepmd-kit (spec §7):
 W = Σ_a F_a ⊗ x_a = -(∂E/∂ε)ᵀ, so that W = -σV for the stress σ = (1/V) ∂E/∂ε that ASE reports. In extxyz
