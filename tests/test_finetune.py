@@ -2,9 +2,11 @@
 
 Every test builds a tiny float64 pretrained model M with `init_model` (random weights, and random offsets and
 environment statistics so that re-indexing them matters) and tiny labelled systems in tmp_path. Where labels
-come from M's own predictions plus known per-element offsets, those offsets are the independent truth.
+come from M's own predictions plus known per-element offsets, those offsets are the independent truth. One
+test fine-tunes the official reference model and compares with deepmd-kit's own fine-tuning, run once.
 """
 
+import json
 from pathlib import Path
 
 import equinox as eqx
@@ -24,6 +26,7 @@ from dpa3_ref.model import DPA3Model, init_model
 from dpa3_ref.multitask import Head, init_multitask
 from dpa3_ref.potential import Potential
 from dpa3_ref.train import train
+from tests.shared_paths import DATA, REFERENCE, skip_without_shared
 
 # n_dim = 4: the type embedding has its residual skip with 2 types (4 = 2·2) but not with 3, so a change of
 # type map must move the skip into and out of the weights.
@@ -94,44 +97,44 @@ def systems_of(config) -> dict:
     return {h.name: read_systems(h.training_data.systems, h.model.type_map) for h in config.heads}
 
 
-def energy(model: DPA3Model, coord, elements, cell) -> float:
-    return float(Potential(model).evaluate(coord, elements, cell)["energy"])
+def system_energies(model: DPA3Model, system) -> np.ndarray:
+    """The model's energy of every frame of a read system, in one batch."""
+    cells = [None] * system.n_frames if system.cell is None else list(system.cell)
+    frames = [(system.coord[f], system.atom_names, cells[f]) for f in range(system.n_frames)]
+    return np.array([float(out["energy"]) for out in Potential(model).evaluate_batch(frames)])
 
 
 # ------------------------------------------------------------------------------------------- type maps
 def test_a_new_type_map_keeps_the_pretrained_energies(tmp_path):
-    """M on [H, C, O] fine-tuned to [O, H]: before the re-fit, the new model's energy of any O/H structure is M's."""
+    """M on [H, C, O] fine-tuned to [O, H]: before the re-fit, the new model's energies are M's (the labels here)."""
     old = pretrained()
     save_model(old, tmp_path / "m.npz")
-    new_config = TINY.replace(type_map=("O", "H"))
-    system = write_system(tmp_path / "data", ["O", "H", "H", "O", "H", "H"], 2, seed=1, label_model=old)
-    config = parse_input(single_input(new_config, [system]), tmp_path)
+    systems = [write_system(tmp_path / "a", ["H", "O", "H", "H", "O", "O", "H"], 2, seed=1, label_model=old),
+               write_system(tmp_path / "b", ["O", "H", "H"], 2, seed=2, label_model=old, periodic=False)]
+    config = parse_input(single_input(TINY.replace(type_map=("O", "H")), systems), tmp_path)
     m = read_pretrained(tmp_path / "m.npz")
-    model = inherited_model(config, m, finetune_rules(config, m, None, tmp_path), systems_of(config), tmp_path)
-    new = model.head("Default")
+    data = systems_of(config)
+    new = inherited_model(config, m, finetune_rules(config, m, None, tmp_path), data, tmp_path).head("Default")
     assert new.descriptor.type_embedding.residual and not old.descriptor.type_embedding.residual
     np.testing.assert_array_equal(new.out_bias, np.asarray(old.out_bias)[[2, 0]])
     np.testing.assert_array_equal(new.descriptor.dstd, np.asarray(old.descriptor.dstd)[[2, 0]])
-    for periodic, elements in [(True, ["H", "O", "H", "H", "O", "O", "H"]), (False, ["O", "H", "H"])]:
-        frame = structure(elements, seed=9, periodic=periodic)
-        np.testing.assert_allclose(energy(new, *frame), energy(old, *frame), **ROUND_OFF)
+    for system in data["Default"]:
+        np.testing.assert_allclose(system_energies(new, system), system.energy, **ROUND_OFF)
 
 
 def test_an_element_the_pretrained_model_lacks_is_added(tmp_path):
-    """[H, C, O] to [O, N, H]: N gets a fresh embedding row and zero offsets; O/H structures keep M's energies."""
+    """[H, C, O] to [O, N, H]: N gets zero offsets (and a fresh embedding row); O/H structures keep M's energies."""
     old = pretrained(TINY.replace(fix_stat_std=0.3))
     save_model(old, tmp_path / "m.npz")
-    new_config = TINY.replace(type_map=("O", "N", "H"), fix_stat_std=0.3)
-    labeller = init_model(new_config, key=jax.random.key(3))
-    system = write_system(tmp_path / "data", ["O", "H", "N", "H"], 2, seed=1, label_model=labeller)
-    config = parse_input(single_input(new_config, [system]), tmp_path)
+    system = write_system(tmp_path / "a", ["O", "H", "H", "O"], 2, seed=1, label_model=old)
+    config = parse_input(single_input(TINY.replace(type_map=("O", "N", "H"), fix_stat_std=0.3), [system]), tmp_path)
     m = read_pretrained(tmp_path / "m.npz")
-    new = inherited_model(config, m, finetune_rules(config, m, None, tmp_path), systems_of(config),
-                          tmp_path).head("Default")
+    data = systems_of(config)
+    new = inherited_model(config, m, finetune_rules(config, m, None, tmp_path), data, tmp_path).head("Default")
     np.testing.assert_array_equal(new.out_bias, [old.out_bias[2], 0.0, old.out_bias[0]])
-    np.testing.assert_array_equal(new.fitting.bias_atom_e, [old.fitting.bias_atom_e[2], 0.0, old.fitting.bias_atom_e[0]])
-    frame = structure(["O", "H", "H", "O"], seed=4)
-    np.testing.assert_allclose(energy(new, *frame), energy(old, *frame), **ROUND_OFF)
+    bias_atom_e = np.asarray(old.fitting.bias_atom_e)
+    np.testing.assert_array_equal(new.fitting.bias_atom_e, [bias_atom_e[2], 0.0, bias_atom_e[0]])
+    np.testing.assert_allclose(system_energies(new, data["Default"][0]), data["Default"][0].energy, **ROUND_OFF)
 
 
 # ------------------------------------------------------------------------------------------- energy offsets
@@ -149,9 +152,7 @@ def test_change_by_statistic_recovers_a_known_shift_per_element(tmp_path):
     np.testing.assert_allclose(np.asarray(model.out_bias) - np.asarray(old.out_bias)[[0, 2]],
                                [delta["H"], delta["O"]], atol=1e-9)
     for system in systems_of(config)["Default"]:
-        predicted = [energy(model, system.coord[f], system.atom_names, None if system.cell is None else system.cell[f])
-                     for f in range(system.n_frames)]
-        np.testing.assert_allclose(predicted, system.energy, atol=1e-8)
+        np.testing.assert_allclose(system_energies(model, system), system.energy, atol=1e-8)
 
 
 def test_a_new_fitting_net_sets_offsets_by_statistic(tmp_path):
@@ -169,7 +170,8 @@ def test_a_new_fitting_net_sets_offsets_by_statistic(tmp_path):
     labels = np.concatenate([s.energy for s in data])
     np.testing.assert_allclose(model.out_bias, np.linalg.lstsq(counts, labels, rcond=None)[0], rtol=1e-12)
     assert model.fitting.layers[1].weight.shape == (8, 4)
-    np.testing.assert_array_equal(model.descriptor.layers[0].node_self.weight, old.descriptor.layers[0].node_self.weight)
+    np.testing.assert_array_equal(model.descriptor.layers[0].node_self.weight,
+                                  old.descriptor.layers[0].node_self.weight)
 
 
 def test_the_random_branch_gives_a_new_fitting_net(tmp_path):
@@ -257,7 +259,7 @@ def test_multitask_heads_resume_or_finetune_their_own_branch(tmp_path):
     assert rules["mol"].resume and rules["ice"].branch == "water" and not rules["ice"].resume
     model = finetune_model(config, path, None, systems_of(config))
     np.testing.assert_array_equal(model.out_bias["mol"], m.out_bias["mol"])
-    # one H (+0.3) and one O per frame of 3 atoms: the re-fit is the minimum-norm split of +0.3 over (O, H) counts
+    # one O and two H (+0.3 each) in every frame, one composition: the re-fit is lstsq's minimum-norm split of 0.6
     shift = np.asarray(model.out_bias["ice"]) - np.asarray(m.out_bias["water"])
     np.testing.assert_allclose(shift, np.linalg.lstsq(np.array([[1.0, 2.0]] * 2), [0.6, 0.6], rcond=None)[0],
                                atol=1e-9)
@@ -283,3 +285,41 @@ def test_dpa3_train_finetune_end_to_end(tmp_path):
     potential = dpa3_ref.load(out)
     assert potential.type_map == ["O", "H"]
     assert np.isfinite(potential.evaluate(*structure(["O", "H", "H"], seed=3))["energy"])
+
+
+# ------------------------------------------------------------------------------------------- the official code
+# deepmd-kit 3.2.0, run once: start.pt built from water_small_f64_stats/model.dp as dpa3_ref/training_parity.py
+# builds it, then `dp --pt train input.json --finetune start.pt --skip-neighbor-stat` on the input and data of
+# test_matches_the_official_finetune_of_an_official_model (1 step; out_bias is a buffer the step does not change),
+# the checkpoint converted to .dp and its out_bias read. Its log: "Change output bias of ['H', 'O'] from
+# [-187.15 -93.57] to [2.20580859 -465.04441983]".
+OFFICIAL_FINETUNED_OUT_BIAS = [2.2058085911524756, -465.04441983120427]  # [H, O] eV
+
+
+def test_matches_the_official_finetune_of_an_official_model(tmp_path):
+    """From the official .dp (type map [O, H]) to [H, O] on two water systems of different compositions: the
+    re-fitted offsets equal deepmd-kit's to round-off (energies of 3e4 eV, so 1e-9 eV)."""
+    skip_without_shared()
+    source = DATA / "water/data_0"
+    types = np.loadtxt(source / "type.raw", dtype=int)
+    arrays = {k: np.load(source / f"set.000/{k}.npy") for k in ("coord", "box", "energy", "force")}
+    all_atoms = np.arange(len(types))
+    without_ten_h = np.setdiff1d(all_atoms, np.flatnonzero(types == 1)[-10:])
+    for name, frames, atoms, shift in (("a", [0, 1], all_atoms, 0.0), ("b", [2, 3], without_ten_h, 3.0)):
+        path = tmp_path / name / "set.000"
+        path.mkdir(parents=True)
+        (path.parent / "type_map.raw").write_text("O\nH\n")
+        (path.parent / "type.raw").write_text(" ".join(map(str, types[atoms])) + "\n")
+        for key in ("coord", "force"):
+            np.save(path / f"{key}.npy", arrays[key][frames].reshape(2, -1, 3)[:, atoms].reshape(2, -1))
+        np.save(path / "box.npy", arrays["box"][frames])
+        np.save(path / "energy.npy", arrays["energy"][frames] + shift)
+    model_section = json.loads((REFERENCE / "water_small_f64_stats/config.json").read_text())
+    data = {"model": {**model_section, "type_map": ["H", "O"]},
+            "learning_rate": {"type": "exp", "start_lr": 1e-3, "stop_lr": 1e-4, "decay_steps": 1},
+            "loss": {"type": "ener", "start_pref_e": 1, "limit_pref_e": 1, "start_pref_f": 1, "limit_pref_f": 1},
+            "training": {"training_data": {"systems": [str(tmp_path / "a"), str(tmp_path / "b")], "batch_size": 1},
+                         "numb_steps": 1, "seed": 1}}
+    config = parse_input(data, tmp_path)
+    model = finetune_model(config, REFERENCE / "water_small_f64_stats/model.dp", None, systems_of(config))
+    np.testing.assert_allclose(model.out_bias["Default"], OFFICIAL_FINETUNED_OUT_BIAS, rtol=0, atol=1e-9)
