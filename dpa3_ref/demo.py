@@ -28,6 +28,9 @@ ships with ASE: effective-medium theory (EMT) for Cu and Ni. Its steps, each tim
 The learning curve (lcurve.out, lcurve.png) and the parity plots (parity.png) are written by training.
 `dpa3 demo --quick` runs the same steps on tiny data for a few dozen steps, without the contrast model; it
 exists so that CI runs the main job on every change.
+
+Measured on the 2-core development machine, compilation included: the full demo 113 s (132 s of CPU time;
+two models of 1000 steps each), `--quick` 39 s (48 s of CPU time).
 """
 
 from __future__ import annotations
@@ -360,7 +363,7 @@ def spot_checks(model_path: Path, head: str, atoms, seed: int) -> list[str]:
 def nve(model_path: Path, head: str, atoms, steps: int, seed: int, progress: bool) -> str:
     """Velocity Verlet (1 fs) from 600 K velocities; the drift and the fluctuation of the total energy."""
     from ase import units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md import velocitydistribution
     from ase.md.verlet import VelocityVerlet
     from tqdm import tqdm
 
@@ -369,7 +372,9 @@ def nve(model_path: Path, head: str, atoms, steps: int, seed: int, progress: boo
 
     atoms = atoms.copy()
     atoms.calc = DPA3Calculator(dpa3_ref.load(model_path, head=head))
-    MaxwellBoltzmannDistribution(atoms, temperature_K=600, rng=np.random.default_rng(seed))
+    # ASE 3.29 renamed MaxwellBoltzmannDistribution to thermalize_momenta; pyproject allows ASE >= 3.23
+    thermalize = getattr(velocitydistribution, "thermalize_momenta", velocitydistribution.MaxwellBoltzmannDistribution)
+    thermalize(atoms, temperature_K=600, rng=np.random.default_rng(seed))
     dynamics = VelocityVerlet(atoms, timestep=1.0 * units.fs)
     totals = [atoms.get_total_energy()]
     for _ in tqdm(range(steps), desc="NVE", unit="step", disable=not progress):
@@ -413,8 +418,8 @@ def compile_fast() -> None:
 
     The demo compiles about ten programs (a training and a validation step per head, evaluation at a few
     sizes) and runs each for a minute at most, so compilation is half of its time. At level 0 a training
-    step compiles about 3× faster and runs about 2× slower (measured here: 25 s vs 76 s for the two heads'
-    steps, 0.07 vs 0.035 s per step). Takes effect only before JAX starts its CPU backend, as in `dpa3 demo`.
+    step compiles about 3× faster and runs about 2× slower (measured here, on a busy machine: 25 s vs 76 s
+    to compile the two heads' steps, 0.07 vs 0.035 s per step). Takes effect only before JAX starts its CPU backend, as in `dpa3 demo`.
     """
     os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
@@ -446,7 +451,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"      head {head.name!r}: dataset one-hot {one_hot} appended to the fitting net's input")
         model_path = train(config, workdir, output="model.npz", progress=progress)
 
-    rows = {name: {} for name in datasets}
     if size.single_task:
         contrast = workdir / "single-task"
         with steps.step("for contrast: the same model as a single task on the union of both datasets"):
@@ -454,6 +458,7 @@ def run(args: argparse.Namespace) -> int:
             single_path = train(union, contrast, output="model.npz", progress=progress, plots=False)
 
     with steps.step("validation RMSEs per dataset (dp test's definitions)"):
+        rows = {name: {} for name in datasets}
         for name, dataset in datasets.items():
             rows[name]["multitask, head = dataset"] = validation_errors(model_path, name, dataset.validation)
             if size.single_task:
