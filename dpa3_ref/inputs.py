@@ -550,7 +550,7 @@ def _descriptor(section: _Section) -> dict[str, Any]:
         if key.endswith("_sel") and isinstance(repflow_section.data.get(key), str):
             raise repflow_section.error(key, f"= {repflow_section.data[key]!r} (a selection from neighbour "
                                              "statistics) is not supported by dpa3-ref; give an integer")
-        kind = int if key.endswith("_sel") else type(defaults[key])
+        kind = int if key in ("e_sel", "a_sel") else type(defaults[key])
         repflow[key] = repflow_section.get(key, default, kind, aliases=aliases.get(key, ()))
     if repflow_section.get("skip_stat", False, bool):  # deprecated: forces fix_stat_std = 0.3 (dpmodel dpa3.py)
         repflow["fix_stat_std"] = 0.3

@@ -16,8 +16,12 @@ Both are optax transformations, so they chain and jit like any other; η enters 
 
 What is trained: every array of the model except the buffers deepmd-kit does not train — the environment
 statistics (davg, dstd), the fitting's bias_atom_e and dataset one-hot case_embd, and the per-type energy
-offsets out_bias (`trainable_filter`). Weight decay therefore applies to all weights, biases, residual
-vectors and the type embedding (spec §14b.8), and to nothing else.
+offsets out_bias (`trainable_filter`) — and except the arrays the loss never reads (`reaches_loss`): the
+last RepFlow layer computes only node features, so its edge and angle weights (and the angle weights of
+layers whose angle output no later layer reads) have no gradient at all. PyTorch skips such parameters
+entirely (their `.grad` is None), weight decay included, so we leave them out of the optimizer too. Weight
+decay therefore applies to every weight, bias, residual vector and the type embedding that the energy
+depends on (spec §14b.8), and to nothing else.
 """
 
 from __future__ import annotations
@@ -36,13 +40,33 @@ CLIP_EPSILON = 1e-6  # added to the norm by torch.nn.utils.clip_grads_with_norm_
 BUFFER_FIELDS = ("davg", "dstd", "bias_atom_e", "case_embd", "out_bias")
 
 
-def trainable_filter(model) -> object:
-    """A pytree of bools like `model`: True for trained arrays, False for buffers and non-arrays."""
+def trainable_filter(model, unused: frozenset[str] = frozenset()) -> object:
+    """A pytree of bools like `model`: True for trained arrays, False for buffers, non-arrays and the arrays
+    named in `unused` (their paths, as jax.tree_util.keystr writes them)."""
     def is_trained(path, leaf) -> bool:
         names = {getattr(key, "name", None) for key in path}
-        return eqx.is_inexact_array(leaf) and not names & set(BUFFER_FIELDS)
+        return (eqx.is_inexact_array(leaf) and not names & set(BUFFER_FIELDS)
+                and jax.tree_util.keystr(path) not in unused)
 
     return jax.tree_util.tree_map_with_path(is_trained, model)
+
+
+def reaches_loss(loss_fn, params, *args) -> object:
+    """A pytree of bools like `params`: whether each array can influence `loss_fn(params, *args)`.
+
+    Backward liveness over the traced program: an operation is live if one of its outputs is; its inputs
+    then are. Nested programs (jit, custom derivatives, loops) count as one operation, which can only
+    overestimate what is used: an array reported unused is certainly unused.
+    """
+    from jax.extend.core import Literal
+
+    leaves, treedef = jax.tree.flatten(params)
+    jaxpr = jax.make_jaxpr(lambda leaves: loss_fn(jax.tree.unflatten(treedef, leaves), *args))(leaves).jaxpr
+    live = {v for v in jaxpr.outvars if not isinstance(v, Literal)}
+    for equation in reversed(jaxpr.eqns):
+        if equation.effects or any(v in live for v in equation.outvars):
+            live.update(v for v in equation.invars if not isinstance(v, Literal))
+    return jax.tree.unflatten(treedef, [v in live for v in jaxpr.invars])
 
 
 def global_norm(tree) -> jax.Array:

@@ -10,7 +10,8 @@ One step t (0-based) of the official loop, for t = t_0 … numb_steps − 1:
     θ_ema  = d θ_ema + (1 − d) θ                        only with training.enable_ema
 
 and at display steps (t + 1 a multiple of disp_freq, and t = 0) one lcurve.out line: the metrics of this
-step's batch (before the update), the validation metrics after it, and η. Checkpoints every save_freq steps
+step's batch (before the update; in multitask, the other heads' on a next training batch each, after it),
+the validation metrics after the update, and η. Checkpoints every save_freq steps
 and at the end; Ctrl-C and SIGTERM write one before exiting.
 
 Everything a step depends on is saved in a checkpoint: θ (with the buffers), the optimizer state, θ_ema,
@@ -47,7 +48,7 @@ from dpa3_ref.inputs import HeadConfig, LossConfig, TrainInput, read_input
 from dpa3_ref.loss import ener_loss, has_term
 from dpa3_ref.model import energy_forces_virial
 from dpa3_ref.multitask import Head, MultiTaskModel, init_multitask, single_task
-from dpa3_ref.optimizer import make_optimizer, trainable_filter
+from dpa3_ref.optimizer import make_optimizer, reaches_loss, trainable_filter
 from dpa3_ref.schedule import ExpSchedule, exp_schedule, prefactor
 
 CHECKPOINT_FORMAT = "dpa3-ref-train/1"
@@ -146,7 +147,9 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, config: TrainInput, model: MultiTaskModel, workdir: Path):
+    """The data, schedule and optimizer of a run; `start_from(model)` or `restore(checkpoint)` sets its state."""
+
+    def __init__(self, config: TrainInput, workdir: Path):
         self.config, self.workdir = config, workdir
         self.seed = config.seed if config.seed is not None else 0
         self.heads = {head.name: head for head in config.heads}
@@ -163,13 +166,35 @@ class Trainer:
         self.widths = Widths(multiple=self.mesh.size if self.mesh is not None else 1)
         self.stop_signal: int | None = None
         self.step_times: list[float] = []
-        self.start_from(model)
+        self.state: TrainState | None = None
 
     def start_from(self, model: MultiTaskModel) -> None:
         """Step 0 with these weights: a fresh optimizer (and EMA) state."""
-        params, _ = eqx.partition(model, trainable_filter(model))
+        self.unused = self.unused_arrays(model)
+        params, _ = eqx.partition(model, self.trainable(model))
         self.state = TrainState(model=model, opt_state=self.optimizer.init(params),
                                 ema=params if self.config.enable_ema else None, step=0, samplers={}, widths={})
+
+    def trainable(self, model: MultiTaskModel):
+        return trainable_filter(model, self.unused)
+
+    def unused_arrays(self, model: MultiTaskModel) -> frozenset[str]:
+        """The paths of the arrays no head's loss reads (optimizer.reaches_loss on one frame of each head)."""
+        params, static = eqx.partition(model, trainable_filter(model))
+        used = None
+        for name, data in self.data.items():
+            graph, labels = make_batch(data.systems[0], np.array([0]), self.heads[name].model)
+            reaches = reaches_loss(lambda p: loss_of(p, static, graph, labels, self.prefactors(name, 1.0), name,
+                                                     self.heads[name].loss)[0], params)
+            used = reaches if used is None else jax.tree.map(lambda a, b: a or b, used, reaches)
+        flat = jax.tree_util.tree_flatten_with_path(used)[0]
+        return frozenset(jax.tree_util.keystr(path) for path, reached in flat if not reached)
+
+    def restore(self, checkpoint: Path) -> None:
+        """The state of a checkpoint written by this input (`--restart`)."""
+        shapes = eqx.filter_eval_shape(init_multitask, heads_of(self.config), key=jax.random.key(0))
+        self.start_from(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))  # the names and shapes to read
+        self.state = read_checkpoint(checkpoint, skeleton=self.state)
 
     # ---------------------------------------------------------------- one step
     def prefactors(self, head: str, learning_rate: float) -> dict[str, jax.Array]:
@@ -204,7 +229,7 @@ class Trainer:
         head = draw_head(list(self.heads), self.head_probabilities, self.seed, step)
         learning_rate = self.schedule(step)
         graph, labels = self.next_batch(head)
-        params, static = eqx.partition(state.model, trainable_filter(state.model))
+        params, static = eqx.partition(state.model, self.trainable(state.model))
         params, state.opt_state, state.ema, metrics = train_step(
             params, static, state.opt_state, state.ema, graph, labels, self.prefactors(head, learning_rate),
             jnp.float64(learning_rate), head, self.heads[head].loss, self.optimizer, self.config.ema_decay,
@@ -214,13 +239,21 @@ class Trainer:
         return head, learning_rate, {k: float(v) for k, v in metrics.items()}
 
     # ---------------------------------------------------------------- validation
+    def evaluate_training_batch(self, head: str, learning_rate: float) -> dict[str, float]:
+        """The metrics of the head's next training batch under the current weights (no update)."""
+        graph, labels = self.next_batch(head)
+        params, static = eqx.partition(self.state.model, self.trainable(self.state.model))
+        metrics = evaluate_step(params, static, graph, labels, self.prefactors(head, learning_rate), head,
+                                self.heads[head].loss)
+        return {k: float(v) for k, v in metrics.items()}
+
     def validate(self, head: str, learning_rate: float) -> dict[str, float]:
         """deepmd-kit's validation: numb_btch batches per system, metrics weighted by their real atoms."""
         data, config = self.data[head], self.heads[head]
         if not data.validation:
             return {}
         model = self.state.model
-        params, static = eqx.partition(model, trainable_filter(model))
+        params, static = eqx.partition(model, self.trainable(model))
         if self.state.ema is not None:
             params = self.state.ema
         sums, atoms = {}, 0
@@ -266,6 +299,9 @@ class Trainer:
                     f"{k} {v:.3g}" for k, v in metrics.items() if k.startswith(("rmse_e", "rmse_f"))))
                 display = step + 1
                 if config.disp_freq > 0 and (display % config.disp_freq == 0 or display == 1):
+                    for other in self.heads:  # multitask: the other heads on a training batch each, as deepmd-kit
+                        if other != head:
+                            lcurve.accumulate(other, self.evaluate_training_batch(other, learning_rate))
                     validation = {name: self.validate(name, learning_rate) for name in self.heads}
                     lcurve.write(display, learning_rate, validation)
                     self.keep_best(validation)
@@ -299,7 +335,7 @@ class Trainer:
         """The trained model file content: a single model for one head, else the multitask model."""
         model = self.state.model
         if use_ema and self.state.ema is not None:
-            _, static = eqx.partition(model, trainable_filter(model))
+            _, static = eqx.partition(model, self.trainable(model))
             model = eqx.combine(self.state.ema, static)
         return model.head(model.heads[0].name) if len(model.heads) == 1 else model
 
@@ -350,8 +386,8 @@ def write_checkpoint(state: TrainState, config: TrainInput, path: Path) -> None:
     write_npz(path, arrays)
 
 
-def read_checkpoint(path: Path, trainer: Trainer) -> TrainState:
-    """A TrainState from `write_checkpoint`'s file; shapes checked against the trainer's model."""
+def read_checkpoint(path: Path, skeleton: TrainState) -> TrainState:
+    """A TrainState from `write_checkpoint`'s file; names and shapes checked against `skeleton`'s."""
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
@@ -361,11 +397,11 @@ def read_checkpoint(path: Path, trainer: Trainer) -> TrainState:
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise Dpa3Error(f"{path}: not a dpa3-ref training checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
         heads = tuple(Head.from_dict(h) for h in meta["heads"])
-        if heads != trainer.state.model.heads:
+        if heads != skeleton.model.heads:
             raise Dpa3Error(f"{path}: the checkpoint's heads or model configs differ from the input's")
-        model = fill_like(trainer.state.model, data, path, prefix="model/")
-        opt_state = fill_like(trainer.state.opt_state, data, path, prefix="opt/")
-        ema = fill_like(trainer.state.ema, data, path, prefix="ema/") if trainer.state.ema is not None else None
+        model = fill_like(skeleton.model, data, path, prefix="model/")
+        opt_state = fill_like(skeleton.opt_state, data, path, prefix="opt/")
+        ema = fill_like(skeleton.ema, data, path, prefix="ema/") if skeleton.ema is not None else None
     return TrainState(model=model, opt_state=opt_state, ema=ema, step=int(meta["step"]), samplers=meta["samplers"],
                       widths=meta["widths"], best=float(meta["best"]))
 
@@ -520,10 +556,9 @@ def train(config: TrainInput, workdir: Path, *, init_model=None, restart=None, f
     """`dpa3 train` as a function: train in `workdir`, write the final model there and return its path."""
     started = time.perf_counter()
     workdir = Path(workdir)
-    skeleton = eqx.filter_eval_shape(init_multitask, heads_of(config), key=jax.random.key(0))
-    trainer = Trainer(config, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), skeleton), workdir)
+    trainer = Trainer(config, workdir)
     if restart:
-        trainer.state = read_checkpoint(Path(restart), trainer)
+        trainer.restore(Path(restart))
         print(f"restart  from {restart} at step {trainer.state.step}")
     else:
         if init_model:
@@ -553,7 +588,8 @@ def describe(config: TrainInput, trainer: Trainer) -> None:
         head = trainer.heads[name]
         print(f"data     {name}: {len(data.systems)} systems, {frames} frames for training, {validation} for validation"
               + (f", model_prob {head.model_prob:.3f}" if len(trainer.heads) > 1 else ""))
-    parameters = sum(x.size for x in jax.tree.leaves(eqx.filter(trainer.state.model, trainable_filter(trainer.state.model))))
+    model = trainer.state.model
+    parameters = sum(x.size for x in jax.tree.leaves(eqx.filter(model, trainer.trainable(model))))
     print(f"model    {len(trainer.heads)} head(s), {parameters:,} trained numbers; {config.numb_steps} steps, "
           f"lr {trainer.schedule.start_lr:.1e} -> {trainer.schedule.stop_lr:.1e} every {trainer.schedule.decay_steps}, "
           f"{config.optimizer.type}" + (f" on {trainer.mesh.size} devices" if trainer.mesh is not None else ""))

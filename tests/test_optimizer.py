@@ -82,3 +82,18 @@ def test_buffers_are_not_trained():
         "bias_atom_e", "case_embd", "davg", "dstd", "out_bias"]
     assert any("node_self" in name for name in trained) and any("residual" in name for name in trained)
     assert any("type_embedding" in name for name in trained)
+
+
+def test_arrays_the_loss_never_reads_are_found():
+    """PyTorch gives such parameters no gradient and skips them (weight decay included); so do we."""
+    from dpa3_ref.optimizer import reaches_loss
+
+    params = {"used": jnp.ones(3), "unused": jnp.ones(2), "dead_end": jnp.ones(2)}
+
+    def loss(p):
+        _ = jnp.sum(p["dead_end"] ** 2)  # computed, then thrown away
+        return jnp.sum(jnp.sin(p["used"]))
+
+    assert reaches_loss(loss, params) == {"used": True, "unused": False, "dead_end": False}
+    grad = jax.grad(lambda p: jax.grad(loss)(p)["used"].sum())(params)  # second order, as with forces
+    assert reaches_loss(lambda p: jax.grad(loss)(p)["used"].sum(), params)["used"] and not np.any(grad["unused"])

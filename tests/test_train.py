@@ -1,0 +1,234 @@
+"""The training loop: restart bit for bit, interruption, multitask sampling and encoding, data parallelism.
+
+Every test trains a tiny float64 DPA3 on tiny generated data (a few frames of 6 atoms), so that what is
+checked is the algorithm, in seconds.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from scipy import stats
+
+import dpa3_ref
+from dpa3_ref.checkpoint import leaves_by_name
+from dpa3_ref.errors import Dpa3Error
+from dpa3_ref.inputs import parse_input
+from dpa3_ref.train import Trainer, TrainingInterrupted, draw_head, train
+
+TINY_MODEL = {
+    "type_map": ["O", "H"],
+    "descriptor": {"type": "dpa3", "precision": "float64", "activation_function": "silut:3.0",
+                   "repflow": {"n_dim": 8, "e_dim": 4, "a_dim": 4, "nlayers": 1, "e_rcut": 4.0, "e_rcut_smth": 3.5,
+                               "e_sel": 20, "a_rcut": 3.0, "a_rcut_smth": 2.5, "a_sel": 6, "axis_neuron": 2,
+                               "smooth_edge_update": True}},
+    "fitting_net": {"neuron": [8, 8], "precision": "float64"},
+}
+
+
+def write_system(path: Path, n_frames: int, seed: int, energy_shift: float = 0.0, periodic: bool = True) -> Path:
+    """A deepmd/npy system of `n_frames` frames of O2H4 in a 5 Å box with random labels."""
+    rng = np.random.default_rng(seed)
+    (path / "set.000").mkdir(parents=True)
+    (path / "type_map.raw").write_text("O\nH\n")
+    (path / "type.raw").write_text("0 0 1 1 1 1\n")
+    grid = np.array([[0, 0, 0], [2, 0, 0], [0, 2, 0], [2, 2, 0], [0, 0, 2], [2, 0, 2]], float)
+    coord = grid[None] + 0.5 + rng.uniform(-0.2, 0.2, (n_frames, 6, 3))
+    np.save(path / "set.000/coord.npy", coord.reshape(n_frames, -1))
+    np.save(path / "set.000/energy.npy", rng.normal(size=n_frames) + energy_shift)
+    np.save(path / "set.000/force.npy", rng.normal(size=(n_frames, 18)))
+    if periodic:
+        np.save(path / "set.000/box.npy", np.tile(np.eye(3).ravel() * 5.0, (n_frames, 1)))
+        np.save(path / "set.000/virial.npy", rng.normal(size=(n_frames, 9)))
+    else:
+        (path / "nopbc").touch()
+    return path
+
+
+def single_input(tmp_path: Path, numb_steps: int, **training) -> dict:
+    write_system(tmp_path / "train", 5, seed=1)
+    write_system(tmp_path / "valid", 2, seed=2)
+    return {
+        "model": TINY_MODEL,
+        "learning_rate": {"start_lr": 1e-2, "stop_lr": 1e-4, "decay_steps": 2},
+        "loss": {"start_pref_e": 0.2, "limit_pref_e": 20, "start_pref_f": 100, "limit_pref_f": 60,
+                 "start_pref_v": 0.02, "limit_pref_v": 1},
+        "optimizer": {"type": "AdamW", "weight_decay": 1e-3},
+        "training": {"training_data": {"systems": [str(tmp_path / "train")], "batch_size": 2},
+                     "validation_data": {"systems": [str(tmp_path / "valid")], "batch_size": 1},
+                     "numb_steps": numb_steps, "seed": 3, "disp_freq": 2, "save_freq": 3,
+                     "gradient_max_norm": 1.0, **training},
+    }
+
+
+def arrays(path) -> dict[str, np.ndarray]:
+    model = dpa3_ref.checkpoint.load_model(path) if str(path).endswith(".npz") else path
+    return {k: np.asarray(v) for k, v in leaves_by_name(model).items()}
+
+
+def test_restart_continues_bit_for_bit(tmp_path):
+    """N + M steps after a restart (and after a SIGTERM) equal N + M steps in one go."""
+    data = single_input(tmp_path, numb_steps=6)
+    config = parse_input(data, tmp_path)
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    train(config, whole, progress=False, plots=False)
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    stop_after = 4
+    original_run_step = Trainer.run_step
+
+    def interrupted(self, step):
+        result = original_run_step(self, step)
+        if step + 1 == stop_after:
+            self.request_stop(signal.SIGTERM, None)
+        return result
+
+    Trainer.run_step = interrupted
+    try:
+        with pytest.raises(TrainingInterrupted) as stopped:
+            train(config, parts, progress=False, plots=False)
+    finally:
+        Trainer.run_step = original_run_step
+    assert stopped.value.checkpoint.name == f"model.ckpt-{stop_after}.npz" and stopped.value.step == stop_after
+    train(config, parts, restart=stopped.value.checkpoint, progress=False, plots=False)
+
+    first, second = arrays(whole / "model.npz"), arrays(parts / "model.npz")
+    assert first.keys() == second.keys()
+    for name in first:
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+    whole_curve = (whole / "lcurve.out").read_text().splitlines()
+    parts_curve = [line for line in (parts / "lcurve.out").read_text().splitlines() if not line.startswith("#")]
+    assert [line for line in whole_curve if not line.startswith("#")] == parts_curve
+    assert sorted(p.name for p in parts.glob("model.ckpt-*.npz"))[-1] == "model.ckpt-6.npz"
+
+
+def test_checkpoints_are_pruned_and_restore_the_optimizer(tmp_path):
+    data = single_input(tmp_path, numb_steps=6, save_freq=1, max_ckpt_keep=2)
+    config = parse_input(data, tmp_path)
+    train(config, tmp_path, progress=False, plots=False)
+    assert sorted(p.name for p in tmp_path.glob("model.ckpt-*.npz")) == ["model.ckpt-5.npz", "model.ckpt-6.npz"]
+    assert (tmp_path / "checkpoint").read_text().strip() == "model.ckpt-6.npz"
+    trainer = Trainer(config, tmp_path)
+    trainer.restore(tmp_path / "model.ckpt-6.npz")
+    state = trainer.state
+    assert state.step == 6 and int(state.opt_state[-1].count) == 6
+    model = dpa3_ref.load(tmp_path / "model.npz").model
+    np.testing.assert_array_equal(model.out_bias, state.model.out_bias["Default"])
+
+
+def test_init_model_starts_from_its_weights_and_offsets(tmp_path):
+    """--init-model: M's weights and its statistics/offsets (not recomputed), step 0: one Adam step from M moves
+    each weight by at most ~ the learning rate, and leaves the buffers exactly as they were."""
+    data = single_input(tmp_path, numb_steps=2)
+    config = parse_input(data, tmp_path)
+    first = tmp_path / "first"
+    first.mkdir()
+    start = train(config, first, progress=False, plots=False)
+    again = tmp_path / "again"
+    again.mkdir()
+    one_step = parse_input({**data, "training": {**data["training"], "numb_steps": 1}}, tmp_path)
+    out = train(one_step, again, init_model=start, progress=False, plots=False)
+    before, after = arrays(start), arrays(out)
+    for name, value in before.items():
+        if any(buffer in name for buffer in ("out_bias", "davg", "dstd", "bias_atom_e")):
+            np.testing.assert_array_equal(value, after[name], err_msg=name)
+        else:
+            assert np.max(np.abs(value - after[name]), initial=0) <= 1.01e-2 * (1 + 1e-3 * np.abs(value).max(initial=0)), name
+    assert sum(not np.array_equal(before[n], after[n]) for n in before) > 5
+    mismatched = json.loads(json.dumps(data))
+    mismatched["model"]["fitting_net"]["neuron"] = [8, 4]
+    with pytest.raises(Dpa3Error, match="fitting_neuron"):
+        train(parse_input(mismatched, tmp_path), again, init_model=start, progress=False, plots=False)
+
+
+def multitask_input(tmp_path: Path, numb_steps: int) -> dict:
+    write_system(tmp_path / "water", 4, seed=1)
+    write_system(tmp_path / "molecules", 4, seed=2, energy_shift=30.0, periodic=False)
+    loss = {"start_pref_e": 1, "limit_pref_e": 1, "start_pref_f": 1, "limit_pref_f": 1}
+    return {
+        "model": {"shared_dict": {"types": ["O", "H"], "descriptor": TINY_MODEL["descriptor"],
+                                  "fitting": {**TINY_MODEL["fitting_net"], "dim_case_embd": 2}},
+                  "model_dict": {name: {"type_map": "types", "descriptor": "descriptor", "fitting_net": "fitting"}
+                                 for name in ("water", "molecules")}},
+        "learning_rate": {"start_lr": 1e-3, "stop_lr": 1e-4},
+        "loss_dict": {"water": loss, "molecules": loss},
+        "optimizer": {"type": "Adam"},
+        "training": {"data_dict": {name: {"training_data": {"systems": [str(tmp_path / name)], "batch_size": 1}}
+                                   for name in ("water", "molecules")},
+                     "model_prob": {"water": 0.7, "molecules": 0.3},
+                     "numb_steps": numb_steps, "seed": 1, "disp_freq": 1, "save_freq": 100},
+    }
+
+
+def test_multitask_dataset_encoding_trains_every_head(tmp_path):
+    config = parse_input(multitask_input(tmp_path, numb_steps=4), tmp_path)
+    path = train(config, tmp_path, progress=False, plots=False)
+    model = dpa3_ref.checkpoint.load_model(path)
+    assert model.head_names == ["molecules", "water"]
+    assert len(model.fittings) == 1 and len(model.descriptors) == 1  # one shared fitting: size does not grow
+    # the one-hot index is the head's position in the sorted names
+    np.testing.assert_array_equal(model.head("molecules").fitting.case_embd, [1.0, 0.0])
+    np.testing.assert_array_equal(model.head("water").fitting.case_embd, [0.0, 1.0])
+    # per-head energy offsets: the molecules' energies are shifted by 30 eV over 6 atoms
+    counts = np.array([2.0, 4.0])  # O2H4
+    shift = counts @ np.asarray(model.out_bias["molecules"]) - counts @ np.asarray(model.out_bias["water"])
+    assert abs(shift - 30) < 3
+    header = (tmp_path / "lcurve.out").read_text().splitlines()[0].split()
+    assert "rmse_e_trn_molecules" in header and "rmse_f_trn_water" in header
+    with pytest.raises(Dpa3Error, match="molecules"):
+        dpa3_ref.load(path)
+    water = dpa3_ref.load(path, head="water")
+    assert np.isfinite(water.evaluate(np.random.default_rng(0).uniform(0, 3, (6, 3)), ["O", "O", "H", "H", "H", "H"],
+                                      np.eye(3) * 5)["energy"])
+
+
+def test_tasks_are_drawn_with_model_prob():
+    """A chi-square test of 4000 draws against model_prob; false-alarm rate 1e-4 (and the draws are fixed by
+    the seed, so the test is deterministic)."""
+    probabilities = np.array([0.5, 0.3, 0.2])
+    draws = [draw_head(["a", "b", "c"], probabilities, seed=11, step=step) for step in range(4000)]
+    counts = np.array([draws.count(name) for name in "abc"])
+    assert stats.chisquare(counts, 4000 * probabilities).pvalue > 1e-4
+    assert draws == [draw_head(["a", "b", "c"], probabilities, seed=11, step=step) for step in range(4000)]
+
+
+TWO_DEVICES = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import jax
+    from dpa3_ref.inputs import parse_input
+    from dpa3_ref.train import Trainer, fresh_model
+    config = parse_input(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]))
+    trainer = Trainer(config, Path(sys.argv[2]))
+    trainer.start_from(fresh_model(config, trainer.data))
+    losses = []
+    for step in range(3):
+        losses.append(trainer.run_step(step)[2]["rmse"])
+    print(json.dumps({"devices": jax.device_count(), "mesh": trainer.mesh is not None, "losses": losses}))
+""")
+
+
+def test_two_devices_give_the_same_training_as_one(tmp_path):
+    data = single_input(tmp_path, numb_steps=3)
+    (tmp_path / "input.json").write_text(json.dumps(data))
+    script = tmp_path / "steps.py"
+    script.write_text(TWO_DEVICES)
+    results = []
+    for flags in ("", "--xla_force_host_platform_device_count=2"):
+        environment = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()}
+        run = subprocess.run([sys.executable, str(script), str(tmp_path / "input.json"), str(tmp_path)],
+                             capture_output=True, text=True, env=environment, check=False)
+        assert run.returncode == 0, run.stderr[-3000:]
+        results.append(json.loads(run.stdout.strip().splitlines()[-1]))
+    one, two = results
+    assert one["devices"] == 1 and two["devices"] == 2 and two["mesh"]
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-12)
