@@ -8,10 +8,16 @@ shifted tanh above it, glued so that value and first derivative are continuous a
 
 so phi is bounded above by c + 1, which keeps deep message passing from blowing up.
 
-SiLU and SiLUT carry their derivative explicitly (`jax.custom_jvp`): left to autodiff, the backward pass
-would keep σ(x), tanh(·) and the branch mask of every angle feature in memory; with the rule it keeps x
-only and recomputes φ'(x) in one fused loop. The rule is itself differentiable, so second derivatives
-(training on forces) work.
+SiLU and SiLUT carry their first and second derivatives explicitly (`with_derivatives`): left to
+autodiff, the backward pass would keep σ(x), tanh(·) and the branch mask of every angle feature in memory,
+and training on forces, which differentiates φ' once more, would differentiate that whole expression. With
+the rules, φ' and φ'' are each one fused loop over x. Below T, with σ = σ(x):
+
+    φ'  = σ (1 + x (1 − σ)),          φ'' = σ (1 − σ) (2 + x (1 − 2σ))
+and above T, with t = tanh(k (x − T)):
+    φ'  = k (1 − t²),                 φ'' = −2 k² t (1 − t²)
+
+φ'' is left to autodiff, so third and higher derivatives work too.
 """
 
 from __future__ import annotations
@@ -35,16 +41,36 @@ def silut_constants(threshold: float) -> tuple[float, float]:
     return slope, offset
 
 
-@jax.custom_jvp
-def silu(x: jax.Array) -> jax.Array:
-    return x * jax.nn.sigmoid(x)
+def with_derivatives(value: Activation, first: Activation, second: Activation) -> Activation:
+    """φ = value, with φ' = first and φ'' = second as its derivative rules (all elementwise)."""
+
+    @jax.custom_jvp
+    def derivative(x):
+        return first(x)
+
+    derivative.defjvp(lambda primals, tangents: (first(primals[0]), tangents[0] * second(primals[0])))
+
+    @jax.custom_jvp
+    def phi(x):
+        return value(x)
+
+    phi.defjvp(lambda primals, tangents: (value(primals[0]), tangents[0] * derivative(primals[0])))
+    return phi
 
 
-@silu.defjvp
-def _silu_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    sigma = jax.nn.sigmoid(x)
-    return x * sigma, dx * sigma * (1.0 + x * (1.0 - sigma))
+def _silu_first(x, sigma):
+    return sigma * (1.0 + x * (1.0 - sigma))
+
+
+def _silu_second(x, sigma):
+    return sigma * (1.0 - sigma) * (2.0 + x * (1.0 - 2.0 * sigma))
+
+
+silu = with_derivatives(
+    lambda x: x * jax.nn.sigmoid(x),
+    lambda x: _silu_first(x, jax.nn.sigmoid(x)),
+    lambda x: _silu_second(x, jax.nn.sigmoid(x)),
+)
 
 
 def silut(threshold: float) -> Activation:
@@ -55,23 +81,21 @@ def silut(threshold: float) -> Activation:
         # tanh(k(x − T)) = (1 − E)/(1 + E) = 2r − 1 where r = 1/(1 + E). (Half the cost of σ and tanh.)
         below = x < threshold
         r = 1.0 / (1.0 + jnp.exp(jnp.where(below, -x, -2.0 * slope * (x - threshold))))
-        return below, r
+        return below, r, 2.0 * r - 1.0  # the mask, σ(x) below T, tanh(k(x − T)) above
 
-    @jax.custom_jvp
-    def phi(x: jax.Array) -> jax.Array:
-        below, r = parts(x)
-        return jnp.where(below, x * r, 2.0 * r - 1.0 + offset)
+    def value(x):
+        below, sigma, tail = parts(x)
+        return jnp.where(below, x * sigma, tail + offset)
 
-    @phi.defjvp
-    def _phi_jvp(primals, tangents):
-        (x,), (dx,) = primals, tangents
-        below, r = parts(x)
-        tail = 2.0 * r - 1.0
-        value = jnp.where(below, x * r, tail + offset)
-        derivative = jnp.where(below, r * (1.0 + x * (1.0 - r)), slope * (1.0 - tail * tail))
-        return value, dx * derivative
+    def first(x):
+        below, sigma, tail = parts(x)
+        return jnp.where(below, _silu_first(x, sigma), slope * (1.0 - tail * tail))
 
-    return phi
+    def second(x):
+        below, sigma, tail = parts(x)
+        return jnp.where(below, _silu_second(x, sigma), -2.0 * slope * slope * tail * (1.0 - tail * tail))
+
+    return with_derivatives(value, first, second)
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:

@@ -14,6 +14,10 @@ matrix-multiply peak (measured in the same run) that the achieved FLOP rate reac
 installed, the official implementation is timed on the same structure and config: its JAX backend
 (neighbour list in numpy on the host, then the jitted model for energy + forces), or, when that cannot run,
 its numpy backend, energy only. The output says which.
+
+A second row times training: one step of `training_step` (an energy + force loss, its gradient with
+respect to the weights, and an AdamW update) on the 192-atom frame with its DFT labels. The loss contains
+the forces, which are already a gradient, so its weight gradient differentiates the model twice.
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ DEFAULT_WATER = REPO_ROOT.parent / "shared" / "data" / "water" / "data_0"
 TARGET_SECONDS_192 = 0.4  # warm energy + forces at 192 atoms
 TARGET_SCALING = 8.5  # time(1536) / time(192); linear scaling would be 8
 TARGET_PEAK_GIB_1536 = 2.0  # peak memory of the whole process at 1536 atoms
+TARGET_TRAIN_SECONDS = 1.0  # one training step at 192 atoms (the official PyTorch code: 8.1–8.5 s here)
+TARGET_TRAIN_PEAK_GIB = 3.0  # peak memory of the whole process while training at 192 atoms
+
+# deepmd-kit's loss prefactors at the start of training (start_pref_e, start_pref_f of the water recipe)
+ENERGY_WEIGHT, FORCE_WEIGHT = 0.02, 1000.0
 
 WORKER_RESULT_PREFIX = "DPA3_BENCH_RESULT "  # marks the worker's JSON line on stdout
 GIB = 2**30
@@ -51,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="192,1536", help="atom counts to time, each 192·m³ (default: 192,1536)")
     parser.add_argument("--repeats", type=int, default=5, help="warm calls per size; the median is reported")
     parser.add_argument("--no-official", action="store_true", help="do not time deepmd-kit")
+    parser.add_argument("--no-training", action="store_true", help="do not time the training step")
     parser.add_argument(
         "--official-sizes", default="192",
         help="atom counts to time deepmd-kit at (default: 192; at 1536 it needs ~20 GiB and ~1 min per call)",
@@ -79,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
         for n in sizes
     ]
     _print_ours(results["ours"], results["matmul_peak"])
+    if not args.no_training:
+        results["training"] = _in_subprocess("measure_training", timeout=1800, system=str(args.system),
+                                             repeats=args.repeats)
+        _print_training(results["training"])
     results["official"] = [
         _in_subprocess("measure_official", timeout=args.official_timeout,
                        system=str(args.system), n_atoms=n, repeats=args.repeats)
@@ -86,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     if results["official"]:
         _print_official(results["official"], results["ours"])
-    results["targets"] = _check_targets(results["ours"])
+    results["targets"] = _check_targets(results["ours"], results.get("training"))
     _print_targets(results["targets"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -163,6 +177,80 @@ def measure_ours(system: str, n_atoms: int, repeats: int) -> dict:
     except Exception as error:  # the FLOP count is extra information: keep the timings without it
         return {**result, "cost_analysis_error": f"{type(error).__name__}: {error}"}
     return {**result, "flops": cost["flops"], "bytes_accessed": cost["bytes accessed"]}
+
+
+def trainable(model):
+    """The filter spec of the trained leaves: every float array except the buffers (the environment
+    statistics davg/dstd, the energy offsets bias_atom_e and out_bias, the dataset one-hot case_embd)."""
+    import equinox as eqx
+    import jax
+
+    spec = jax.tree.map(eqx.is_inexact_array, model)
+    buffers = lambda m: (m.descriptor.davg, m.descriptor.dstd, m.fitting.bias_atom_e, m.fitting.case_embd, m.out_bias)
+    return eqx.tree_at(buffers, spec, replace=(False,) * 5)
+
+
+def training_step(optimizer, spec, energy_weight: float = ENERGY_WEIGHT, force_weight: float = FORCE_WEIGHT):
+    """step(model, opt_state, graph, labels) -> (model, opt_state, loss): one optimiser step on
+
+        loss = p_e (E − E*)² / N + p_f mean_{i, k} (F_ik − F*_ik)²      (float64; N real atoms)
+
+    labels = {"energy": [n_frames], "forces": [n_atoms, 3]} (rows of padding atoms are ignored). Only the
+    leaves marked in `spec` (see `trainable`) are differentiated and updated; opt_state = optimizer.init of
+    them. The forces come from `energy_forces_virial`, so the gradient is the model's second derivative."""
+    import equinox as eqx
+    import jax.numpy as jnp
+
+    from dpa3_ref.model import energy_forces_virial
+
+    def loss(params, static, graph, labels):
+        out = energy_forces_virial(eqx.combine(params, static), graph)
+        real = graph.types >= 0  # [n_atoms]
+        n_real = jnp.sum(real)
+        energy_error = jnp.sum((out["energy"] - labels["energy"]) ** 2) / n_real
+        force_error = jnp.sum(jnp.where(real[:, None], out["forces"] - labels["forces"], 0.0) ** 2) / (3 * n_real)
+        return energy_weight * energy_error + force_weight * force_error
+
+    @eqx.filter_jit
+    def step(model, opt_state, graph, labels):
+        params, static = eqx.partition(model, spec)
+        value, grads = eqx.filter_value_and_grad(loss)(params, static, graph, labels)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return eqx.combine(eqx.apply_updates(params, updates), static), opt_state, value
+
+    return step
+
+
+def measure_training(system: str, repeats: int) -> dict:
+    """One AdamW step of `training_step` on the 192-atom frame and its labels: first call, warm median, memory."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from dpa3_ref.config import water_example_config
+    from dpa3_ref.potential import Potential
+
+    frame = read_system(system)
+    if frame.energy is None or frame.forces is None:
+        raise Dpa3Error(f"{system}: the training benchmark needs energy and force labels")
+    potential = Potential.init(water_example_config(), seed=0)
+    graph = potential.graph(frame.coord[0], frame.atom_names, frame.cell[0])
+    labels = {"energy": jnp.asarray(frame.energy[:1]), "forces": jnp.asarray(frame.forces[0])}
+    spec = trainable(potential.model)
+    optimizer = optax.adamw(1e-3)
+    step = training_step(optimizer, spec)
+    model, opt_state = potential.model, optimizer.init(eqx.filter(potential.model, spec))
+
+    def one_step():
+        nonlocal model, opt_state
+        model, opt_state, loss = step(model, opt_state, graph, labels)
+        jax.block_until_ready((model, opt_state, loss))
+
+    first_call_s = _timed(one_step)
+    times_s = [_timed(one_step) for _ in range(repeats)]
+    return {"n_atoms": graph.n_atoms, "first_call_s": first_call_s, "times_s": times_s,
+            "median_s": statistics.median(times_s), "peak_rss_gib": _peak_rss_gib()}
 
 
 def measure_official(system: str, n_atoms: int, repeats: int) -> dict:
@@ -274,7 +362,7 @@ def _in_subprocess(worker: str, timeout: float, **kwargs) -> dict:
 
 def _worker_main(worker: str, kwargs_json: str) -> None:
     workers = {"measure_matmul_peak": measure_matmul_peak, "measure_ours": measure_ours,
-               "measure_official": measure_official}
+               "measure_training": measure_training, "measure_official": measure_official}
     result = workers[worker](**json.loads(kwargs_json))
     print(WORKER_RESULT_PREFIX + json.dumps(result), flush=True)
 
@@ -311,6 +399,15 @@ def _print_ours(ours: list[dict], peak: dict) -> None:
     print("  cost analysis counts once: there GFLOP and GFLOP/s are lower bounds")
 
 
+def _print_training(result: dict) -> None:
+    print("\ndpa3-ref  training step (energy + force loss, weight gradient, AdamW; float32, 192 atoms)")
+    if "error" in result:
+        print(f"  not measured: {result['error']}")
+        return
+    print(f"  first call {result['first_call_s']:.1f} s; warm median {result['median_s']:.3f} s/step "
+          f"({1 / result['median_s']:.2f} steps/s); peak RSS {result['peak_rss_gib']:.2f} GiB")
+
+
 def _print_official(official: list[dict], ours: list[dict]) -> None:
     our_median = {r["n_atoms"]: r["median_s"] for r in ours if "error" not in r}
     for result in official:
@@ -335,9 +432,16 @@ def _print_official(official: list[dict], ours: list[dict]) -> None:
                      if "model_median_s" in result else ""))
 
 
-def _check_targets(ours: list[dict]) -> list[dict]:
+def _check_targets(ours: list[dict], training: dict | None = None) -> list[dict]:
     measured = {r["n_atoms"]: r for r in ours if "error" not in r}
     targets = []
+    if training and "error" not in training:
+        value = training["median_s"]
+        targets.append({"target": f"<= {TARGET_TRAIN_SECONDS} s per training step at 192 atoms",
+                        "value": f"{value:.3f} s", "pass": value <= TARGET_TRAIN_SECONDS})
+        value = training["peak_rss_gib"]
+        targets.append({"target": f"<= {TARGET_TRAIN_PEAK_GIB} GiB peak while training at 192 atoms",
+                        "value": f"{value:.2f} GiB", "pass": value <= TARGET_TRAIN_PEAK_GIB})
     if 192 in measured:
         value = measured[192]["median_s"]
         targets.append({"target": f"<= {TARGET_SECONDS_192} s at 192 atoms", "value": f"{value:.3f} s",
@@ -356,7 +460,7 @@ def _check_targets(ours: list[dict]) -> list[dict]:
 def _print_targets(targets: list[dict]) -> None:
     print("\ntargets")
     if not targets:
-        print("  none checked (no measurement at 192 or 1536 atoms)")
+        print("  none checked (no measurement at 192 or 1536 atoms, no training step)")
     for target in targets:
         print(f"  {'PASS' if target['pass'] else 'FAIL'}  {target['value']:>10}  {target['target']}")
 

@@ -195,7 +195,11 @@ class RepFlowLayer(eqx.Module):
             angle_new = self.combine(angle, [update], self.angle_residual)
             message = act(self.angle_linear(self.edge_angle_1, angle, node_for_angle, edge_block))
         weight = graph.angle_switch[:, :, None] * graph.angle_switch[:, None, :]  # [atoms, K, K]
-        reduced = jnp.sum(message * weight[..., None], axis=2) / math.sqrt(cfg.angle_norm)  # [atoms, K, e]
+        # Σ_k as one matrix-vector product per angle neighbour j ([K] · [K, e]), not a product and a sum: the
+        # derivative with respect to the switches is then a product of its own in each layer. Written as a
+        # sum, XLA merged that derivative of all layers into one reduction, which kept every layer's message
+        # and a broadcast copy of its cotangent, [atoms, K, K, e] each, alive until the end (force training).
+        reduced = jnp.matmul(weight[:, :, None, :], message)[:, :, 0] / math.sqrt(cfg.angle_norm)  # [atoms, K, e]
         return reduced, angle_new
 
     def angle_to_edge(self, reduced, edge, graph: LineGraph) -> jax.Array:

@@ -145,7 +145,7 @@ def test_activation_derivative_rules_match_plain_autodiff(name):
         slope, offset = silut_constants(threshold)
         return jnp.where(v < threshold, v * jax.nn.sigmoid(v), jnp.tanh(slope * (v - threshold)) + offset)
 
-    for derivative in (jax.grad, lambda f: jax.grad(jax.grad(f))):
+    for derivative in (jax.grad, lambda f: jax.grad(jax.grad(f)), lambda f: jax.grad(jax.grad(jax.grad(f)))):
         np.testing.assert_allclose(jax.vmap(derivative(phi))(x), jax.vmap(derivative(plain))(x), atol=1e-12)
 
 
@@ -270,3 +270,49 @@ def test_table_widths_only_grow_so_md_does_not_recompile(monkeypatch):
     unpadded = jax.jit(energy_forces_virial)(potential.model, potential.graph(positions * 2.5, types, pad=False))
     np.testing.assert_allclose(result["energy"], unpadded["energy"][0], rtol=1e-13)
     np.testing.assert_allclose(result["forces"], unpadded["forces"], atol=1e-13)
+
+
+def test_training_gradient_matches_plain_autodiff_and_finite_differences(monkeypatch):
+    """Training on forces differentiates the model twice. The weight gradient of an energy + force loss
+    must equal (a) the same gradient with the hand-written derivative rules of the activation replaced by
+    plain autodiff, to round-off, and (b) central finite differences of the loss along random directions."""
+    import dpa3_ref.activations
+
+    potential = Potential.init(TINY, seed=3)
+    positions, types, cell = random_system(10, n=12)
+    graph = potential.graph(positions, types, cell)
+    rng = np.random.default_rng(0)
+    energy_label = float(energy_forces_virial(potential.model, graph)["energy"][0]) + 0.5
+    force_labels = rng.normal(0.0, 0.3, (graph.n_atoms, 3))
+
+    def loss(model):
+        out = energy_forces_virial(model, graph)
+        return 0.02 * (out["energy"][0] - energy_label) ** 2 / 12 + 1000.0 * jnp.mean((out["forces"] - force_labels) ** 2)
+
+    gradient = jax.jit(jax.grad(loss))(potential.model)
+
+    def plain_silut(threshold):
+        slope, offset = silut_constants(threshold)
+        return lambda x: jnp.where(x < threshold, x * jax.nn.sigmoid(x), jnp.tanh(slope * (x - threshold)) + offset)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dpa3_ref.activations, "silut", plain_silut)
+        plain = jax.jit(jax.grad(loss))(potential.model)
+    leaves, plain_leaves = jax.tree.leaves(gradient), jax.tree.leaves(plain)
+    scale = max(float(jnp.max(jnp.abs(x))) for x in plain_leaves if x.size)
+    assert scale > 1e-3  # not vacuous
+    for a, b in zip(plain_leaves, leaves, strict=True):
+        np.testing.assert_allclose(b, a, atol=1e-12 * scale)
+
+    params, static = eqx.partition(potential.model, eqx.is_inexact_array)
+    value = jax.jit(lambda p: loss(eqx.combine(p, static)))
+    step = 1e-5
+    for seed in range(3):
+        keys = jax.random.split(jax.random.key(seed), len(jax.tree.leaves(params)))
+        direction = jax.tree.unflatten(jax.tree.structure(params),
+                                       [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, jax.tree.leaves(params))])
+        shifted = [value(jax.tree.map(lambda p, d, s=sign: p + s * step * d, params, direction)) for sign in (1, -1)]
+        finite_difference = float(shifted[0] - shifted[1]) / (2 * step)
+        analytic = sum(float(jnp.sum(g * d)) for g, d in zip(jax.tree.leaves(eqx.filter(gradient, eqx.is_inexact_array)),
+                                                              jax.tree.leaves(direction)))
+        np.testing.assert_allclose(analytic, finite_difference, rtol=1e-6)
