@@ -5,16 +5,17 @@ The exported function is `model.energy_forces_virial` itself, traced by jax2onnx
 system size. The contract — inputs, outputs, the selection rule, ghost atoms, metadata — is written down in
 export/README.md; export/dpa3_onnx is a client that needs no JAX. In short:
 
-    positions [N, 3] f64, types [N] i64, n_local [] i64, neighbors [N, M] i64, neighbor_shift [N, M, 3] f64,
+    positions [N, 3] f, types [N] i64, n_local [] i64, neighbors [N, M] i64, neighbor_shift [N, M, 3] f,
     neighbor_mask [N, M] bool, angle_mask [N, K] bool, reverse_neighbors [N, R] i64
-    -> energy [1] f64, atom_energy [N] f64, forces [N, 3] f64, virial [1, 3, 3] f64
+    -> energy [1] f, atom_energy [N] f, forces [N, 3] f, virial [1, 3, 3] f     (f: float64, or float32)
 
 Atoms n_local … N−1 are ghosts (a host code's halo): their energy does not count, their forces are returned.
 `reverse_neighbors` makes every transpose of the neighbour gather a gather and an axis sum (gather.py), so
 the graph holds no scatter-add and runs correctly, and bit-identically, on any number of threads. A float32
-export computes the network in float32; its inputs and outputs stay float64 (the edge vectors are formed in
-float64 and then rounded, the energy is summed in float64). Integer inputs are int64 (jax2onnx mixes int32
-index arithmetic with int64 constants otherwise, which onnxruntime refuses).
+export (descriptor and fitting net in float32) is float32 throughout, its float inputs and outputs included:
+jax2onnx's float64 mode makes every float a float64. Coordinates are then rounded before the edge vectors are
+formed, as deepmd-kit's float32 models do. A model with mixed precisions is exported in float64. Integer inputs
+are int64 (jax2onnx mixes int32 index arithmetic with int64 constants otherwise, which onnxruntime refuses).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dpa3_ref.neighbors import Graph
 from dpa3_ref.potential import Potential
 
 CONTRACT_VERSION = 1
-INPUTS = {  # name -> (symbolic shape, dtype)
+INPUTS = {  # name -> (symbolic shape, dtype); float64 means the file's float type
     "positions": (("N", 3), jnp.float64),
     "types": (("N",), jnp.int64),
     "n_local": ((), jnp.int64),
@@ -66,10 +67,15 @@ def metadata(config, head: str) -> dict[str, str]:
         "dpa3_a_sel": str(config.a_sel),
         "dpa3_nlayers": str(config.nlayers),
         "dpa3_exclude_types": json.dumps([list(pair) for pair in config.exclude_types]),
-        "dpa3_precision": config.precision if config.precision == config.fitting_precision else "mixed",
+        "dpa3_precision": float_type(config),
         "dpa3_head": head,
         "dpa3_config": config.to_json(),
     }
+
+
+def float_type(config) -> str:
+    """The float type of a file: float32 if the whole network is float32, else float64."""
+    return "float32" if config.precision == config.fitting_precision == "float32" else "float64"
 
 
 def export_onnx(potential: Potential, path: str | Path, *, precision: str | None = None, head: str = "") -> None:
@@ -90,9 +96,11 @@ def export_onnx(potential: Potential, path: str | Path, *, precision: str | None
         return tuple(out[name] for name in OUTPUTS)
 
     logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # per-constant "value type not known" chatter
-    specs = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in INPUTS.values()]
+    double = float_type(model.config) == "float64"
+    specs = [jax.ShapeDtypeStruct(shape, dtype if double or dtype != jnp.float64 else jnp.float32)
+             for shape, dtype in INPUTS.values()]
     proto = jax2onnx.to_onnx(energy_forces_virial_of_arrays, specs, input_names=list(INPUTS),
-                             output_names=list(OUTPUTS), enable_double_precision=True)
+                             output_names=list(OUTPUTS), enable_double_precision=double)
     scatters = sorted({node.op_type for node in proto.graph.node if node.op_type in SCATTER_OPS})
     if scatters:  # a new gather somewhere in the model whose transpose bypasses gather.py
         raise Dpa3Error(f"internal error: the exported graph contains {scatters}, which race on several threads")

@@ -1,8 +1,9 @@
 """The ONNX contract, version 1, as data: input and output names, shapes and dtypes, and the metadata.
 
 Symbolic sizes: N atoms (local first, then ghosts), M neighbour-table width, K angle neighbours (K ≤ M),
-R reverse-table width. Every float input and output is float64, also in float32 exports (the network
-computes in float32; `precision` in the metadata says which). export/README.md is the full text.
+R reverse-table width. The dtypes below are those of a float64 file; a float32 file (metadata
+`dpa3_precision` = "float32") takes and returns float32 for every float and int32 for every index.
+export/README.md is the full text.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import numpy as np
 
 CONTRACT_VERSION = 1
-INPUTS = {  # name -> (shape, numpy dtype)
+INPUTS = {  # name -> (shape, numpy dtype in a float64 file)
     "positions": (("N", 3), np.float64),
     "types": (("N",), np.int64),
     "n_local": ((), np.int64),
@@ -31,6 +32,12 @@ OUTPUTS = {  # name -> shape (all float64)
 }
 
 
+def input_dtypes(precision: str) -> dict[str, np.dtype]:
+    """The dtype of each input in a file of this precision ("float64" or "float32")."""
+    narrow = {np.float64: np.float32, np.int64: np.int32, np.bool_: np.bool_}
+    return {name: np.dtype(dtype if precision == "float64" else narrow[dtype]) for name, (_, dtype) in INPUTS.items()}
+
+
 class Dpa3OnnxError(ValueError):
     """A problem with the input or the model file, said in one sentence."""
 
@@ -46,7 +53,7 @@ class ModelInfo:
     a_sel: int  # angle neighbours: among the first a_sel
     nlayers: int  # message-passing layers: a host's halo is nlayers · e_rcut
     exclude_types: tuple[tuple[int, int], ...]  # type pairs without edges (they keep their slots)
-    precision: str  # "float64", "float32" or "mixed": the arithmetic inside the network
+    precision: str  # "float64" or "float32": the arithmetic inside the file, and its input/output types
     head: str  # the head of a multitask model, "" for a single-task one
     config: dict  # the full model configuration (dpa3-ref's DPA3Config as JSON)
 
@@ -68,6 +75,8 @@ class ModelInfo:
         if version != str(CONTRACT_VERSION):
             raise Dpa3OnnxError(f"{source} keeps ONNX contract version {version}, this client knows version "
                                 f"{CONTRACT_VERSION} only")
+        if metadata.get("dpa3_precision") not in ("float64", "float32"):
+            raise Dpa3OnnxError(f"{source}: unknown dpa3_precision {metadata.get('dpa3_precision')!r}")
         try:
             return cls(
                 type_map=tuple(json.loads(metadata["dpa3_type_map"])),

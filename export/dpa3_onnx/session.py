@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpa3_onnx.contract import INPUTS, OUTPUTS, Dpa3OnnxError, ModelInfo
+from dpa3_onnx.contract import INPUTS, OUTPUTS, Dpa3OnnxError, ModelInfo, input_dtypes
 from dpa3_onnx.inputs import model_inputs
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -56,6 +56,7 @@ class OnnxPotential:
         names = {i.name for i in self.session.get_inputs()}, {o.name for o in self.session.get_outputs()}
         if names != (set(INPUTS), set(OUTPUTS)):
             raise Dpa3OnnxError(f"{path} says contract v1 but its inputs/outputs are {sorted(names[0])}/{sorted(names[1])}")
+        self.dtypes = input_dtypes(self.info.precision)  # name -> numpy dtype the file takes
         self.path = path
 
     @property
@@ -76,24 +77,26 @@ class OnnxPotential:
         coord [n, 3] Å; types: element names or type indices; cell [3, 3] (rows = lattice vectors) or None for
         open boundaries; n_local: only the first n_local atoms are local (the rest a host's ghost atoms, whose
         energy does not count and whose forces the host folds back onto their owners)."""
-        out = self.run(model_inputs(coord, types, cell, self.info, n_local))
+        feeds = {name: value.astype(self.dtypes[name]) for name, value in
+                 model_inputs(coord, types, cell, self.info, n_local).items()}
+        out = {name: value.astype(np.float64) for name, value in self.run(feeds).items()}
         return {"energy": out["energy"][0], "atom_energy": out["atom_energy"], "forces": out["forces"],
                 "virial": out["virial"][0]}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The raw outputs for contract-v1 feeds, checked first (a host that builds its own tables calls this)."""
-        check_feeds(feeds, self.info)
+        check_feeds(feeds, self.info, self.dtypes)
         return dict(zip(OUTPUTS, self.session.run(list(OUTPUTS), feeds), strict=True))
 
 
-def check_feeds(feeds: dict[str, np.ndarray], info: ModelInfo) -> None:
+def check_feeds(feeds: dict[str, np.ndarray], info: ModelInfo, dtypes: dict[str, np.dtype]) -> None:
     """Raise a Dpa3OnnxError naming the first feed that breaks the contract (names, dtypes, shapes, ranges)."""
     missing, unknown = set(INPUTS) - set(feeds), set(feeds) - set(INPUTS)
     if missing or unknown:
         raise Dpa3OnnxError(f"the inputs must be exactly {list(INPUTS)}; missing {sorted(missing)}, unknown {sorted(unknown)}")
     sizes: dict[str, int] = {}
-    for name, (shape, dtype) in INPUTS.items():
-        value = feeds[name]
+    for name, (shape, _) in INPUTS.items():
+        value, dtype = feeds[name], dtypes[name]
         if not isinstance(value, np.ndarray) or value.dtype != dtype:
             got = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
             raise Dpa3OnnxError(f"input {name} must be a numpy array of {np.dtype(dtype).name}, got {got}")
