@@ -117,8 +117,10 @@ function modelInputs(structure, info) {
     const found = [];
     for (const s of shifts) {
       for (let j = 0; j < n; j++) {
-        const r = [0, 1, 2].map((x) => positions[j][x] + s[x] - positions[i][x]);
-        const d = Math.hypot(...r);
+        // the same operations, in the same order, as the Python client (vesin): distances that differ in the
+        // last bit can swap two neighbours at the a_sel or e_sel boundary, where the energy is not smooth
+        const r = [0, 1, 2].map((x) => positions[j][x] - positions[i][x] + s[x]);
+        const d = Math.sqrt(r[0] * r[0] + r[1] * r[1] + r[2] * r[2]);
         if (d <= info.eRcut && !(j === i && s.every((x) => x === 0))) {
           if (d < 1e-4) throw new Error(`atoms ${i} and ${j} are at the same position`);
           found.push({ j, shift: s, d });
