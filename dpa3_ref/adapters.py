@@ -194,8 +194,13 @@ def from_dpa3(model: Any) -> AdaptedPotential:
                             batch_evaluate=batch_evaluate if hasattr(model, "evaluate_batch") else None)
 
 
-def from_onnx(path: str) -> AdaptedPotential:
-    """An exported model file (`dpa3 export`), run by onnxruntime: the same checks as for the JAX model."""
-    from dpa3_ref.export_onnx import OnnxPotential
+def from_onnx(path: str, threads: int | None = None) -> AdaptedPotential:
+    """An exported model file (`dpa3 export`), run by onnxruntime through the JAX-free client (dpa3_onnx):
+    the same checks as for the JAX model."""
+    from dpa3_onnx import Dpa3OnnxError, OnnxPotential
 
-    return dataclasses.replace(from_dpa3(OnnxPotential(path)), name="onnx")
+    try:
+        potential = OnnxPotential(path, threads=threads)
+    except Dpa3OnnxError as error:
+        raise Dpa3Error(str(error)) from None
+    return dataclasses.replace(from_dpa3(potential), name="onnx")

@@ -38,9 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(importlib.import_module(args.module_name).run(args) or 0)
-    except Dpa3Error as error:
+    except _user_errors() as error:
         print(f"dpa3 {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Dpa3Error, and the JAX-free ONNX client's own error class where that client is installed."""
+    try:
+        from dpa3_onnx import Dpa3OnnxError
+    except ImportError:
+        return (Dpa3Error,)
+    return (Dpa3Error, Dpa3OnnxError)
 
 
 def _restart_with_huge_pages() -> None:

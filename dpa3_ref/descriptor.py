@@ -26,7 +26,7 @@ from dpa3_ref.activations import get_activation
 from dpa3_ref.config import DPA3Config
 from dpa3_ref.neighbors import Graph
 from dpa3_ref.nn import Layer, has_skip, init_layer
-from dpa3_ref.repflow import LineGraph, RepFlowLayer, first_columns, init_repflow_layer, widen_columns
+from dpa3_ref.repflow import LineGraph, RepFlowLayer, first_columns, init_repflow_layer, slice_last_axis, widen_columns
 from dpa3_ref.switch import cosine_input, safe_length, switch
 
 
@@ -105,18 +105,19 @@ class DPA3Descriptor(eqx.Module):
         environment = (environment - self.davg[center_type, slot]) / self.dstd[center_type, slot]
 
         angle_mask = graph.angle_mask  # [n_atoms, K]; the angle neighbours are the first K columns
-        angle_length = first_columns(length[..., None], angle_mask)[..., 0]  # [n_atoms, K]
+        angle_length = jnp.squeeze(first_columns(length[..., None], angle_mask), axis=2)  # [n_atoms, K]
         angle_switch = switch(angle_length, cfg.a_rcut_smth, cfg.a_rcut, cfg.use_exp_switch) * angle_mask
         unit = first_columns(vectors, angle_mask) / (angle_length + 1e-6)[..., None]  # [n_atoms, K, 3]
         angle_input = cosine_input(unit * angle_mask[..., None])  # [n_atoms, K, K, 1]
 
-        edge_input = (length * mask)[..., None] if cfg.edge_init_use_dist else environment[..., :1]  # [n_atoms, M, 1]
+        edge_input = (length * mask)[..., None] if cfg.edge_init_use_dist else slice_last_axis(environment, 0, 1)
         line_graph = LineGraph(
             neighbors=graph.neighbors,
             edge_switch=edge_switch,
-            edge_h=environment[..., 1:],
+            edge_h=slice_last_axis(environment, 1, 4),
             edge_in_angle=widen_columns(angle_mask[..., None].astype(length.dtype), mask)[..., 0] > 0.5,
             angle_switch=angle_switch,
+            reverse_neighbors=graph.reverse_neighbors,
         )
         return line_graph, edge_input, angle_input
 

@@ -2,7 +2,8 @@
 
     dpa3 eval --model MODEL --system PATH --out OUT.npz
 
-MODEL is a deepmd-kit `.dp`/`.yaml` file or a dpa3-ref checkpoint; PATH a deepmd/npy directory or an
+MODEL is a deepmd-kit `.dp`/`.yaml` file, a dpa3-ref checkpoint, or an ONNX export (`.onnx`, run by
+onnxruntime through the JAX-free client dpa3_onnx, on --threads threads); PATH a deepmd/npy directory or an
 extxyz file (see `dpa3_ref.data`). OUT.npz holds
 
     energy       (nf,)        eV
@@ -29,19 +30,19 @@ from dpa3_ref.errors import Dpa3Error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="deepmd-kit .dp/.yaml model or dpa3-ref checkpoint")
+    parser.add_argument("--model", required=True, type=Path,
+                        help="deepmd-kit .dp/.yaml model, dpa3-ref checkpoint, or ONNX export (.onnx)")
     parser.add_argument("--system", required=True, type=Path, help="deepmd/npy system directory or extxyz file")
     parser.add_argument("--out", required=True, type=Path, help="output .npz: energy, atom_energy, forces, virial")
     parser.add_argument("--head", help="the head (dataset) of a multitask model")
+    parser.add_argument("--threads", type=int, help="onnxruntime threads for an .onnx model (default: all cores)")
 
 
 def run(args: argparse.Namespace) -> int:
-    import dpa3_ref  # the model pulls in JAX: only when evaluating, so `dpa3 --help` stays fast
-
     if not args.out.parent.is_dir():
         raise Dpa3Error(f"{args.out}: directory {args.out.parent} does not exist")
     system = read_system(args.system)
-    potential = dpa3_ref.load(args.model, head=args.head)
+    potential = load_any(args.model, args.threads, args.head)
     predictions = evaluate_system(potential, system)
     write_npz_atomically(args.out, predictions)
     print(f"wrote {args.out}: {system.n_frames} frames of {system.n_atoms} atoms")
@@ -49,6 +50,22 @@ def run(args: argparse.Namespace) -> int:
     if report:
         print(format_report(report, system))
     return 0
+
+
+def load_any(path: Path, threads: int | None = None, head: str | None = None):
+    """A model file of any kind: an ONNX export through dpa3_onnx (no JAX), anything else through dpa3_ref
+    (`head` picks a head of a multitask model file; an export holds one head already)."""
+    if path.suffix == ".onnx":
+        from dpa3_onnx import OnnxPotential
+
+        if head is not None:
+            raise Dpa3Error("--head applies to multitask model files; an ONNX export holds one head (dpa3 export --head)")
+        return OnnxPotential(path, threads=threads)
+    if threads is not None:
+        raise Dpa3Error("--threads applies to ONNX models (.onnx) only")
+    import dpa3_ref  # the model pulls in JAX: only when evaluating, so `dpa3 --help` stays fast
+
+    return dpa3_ref.load(path, head=head)
 
 
 def evaluate_system(potential, system: System, progress: bool = True) -> dict[str, np.ndarray]:

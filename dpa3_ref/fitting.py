@@ -37,7 +37,7 @@ class EnergyFitting(eqx.Module):
             x = jnp.concatenate([x, jnp.broadcast_to(case.astype(self.dtype), (x.shape[0], case.shape[0]))], -1)
         for layer in self.layers:
             x = layer(x)
-        return x[:, 0].astype(jnp.float64) + self.bias_atom_e[jnp.maximum(types, 0)]
+        return jnp.squeeze(x, axis=1).astype(jnp.float64) + self.bias_atom_e[jnp.maximum(types, 0)]
 
 
 def init_fitting(config: DPA3Config, *, key: jax.Array) -> EnergyFitting:

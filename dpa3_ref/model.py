@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from dpa3_ref.config import DPA3Config
 from dpa3_ref.descriptor import DPA3Descriptor, init_descriptor
 from dpa3_ref.fitting import EnergyFitting, init_fitting
+from dpa3_ref.gather import sum_into_neighbors
 from dpa3_ref.neighbors import Graph
 
 
@@ -35,7 +36,8 @@ class DPA3Model(eqx.Module):
         """E_i of every atom, 0 for padding atoms."""  # [n_atoms] float64
         descriptor = self.descriptor(edge_vectors, graph)  # [n_atoms, d]
         energies = self.fitting(descriptor, graph.types, case_embd) + self.out_bias[jnp.maximum(graph.types, 0)]
-        return jnp.where(graph.types >= 0, energies, 0.0)
+        counted = graph.types >= 0 if graph.local is None else (graph.types >= 0) & graph.local  # not padding, not ghost
+        return jnp.where(counted, energies, 0.0)
 
 
 def edge_vectors(graph: Graph) -> jax.Array:
@@ -43,8 +45,15 @@ def edge_vectors(graph: Graph) -> jax.Array:
     return graph.positions[graph.neighbors] - graph.positions[:, None, :] + graph.neighbor_shift
 
 
+def frame_sums(values: jax.Array, graph: Graph) -> jax.Array:
+    """Σ over each frame's atoms [n_frames, ...]; one frame: a plain sum (no scatter-add, see gather.py)."""
+    if graph.n_frames == 1:
+        return jnp.sum(values, axis=0)[None]
+    return jax.ops.segment_sum(values, graph.atom_frame, num_segments=graph.n_frames)
+
+
 def frame_energies(atom_energy: jax.Array, graph: Graph) -> jax.Array:
-    return jax.ops.segment_sum(atom_energy, graph.atom_frame, num_segments=graph.n_frames)  # [n_frames]
+    return frame_sums(atom_energy, graph)  # [n_frames]
 
 
 def energy_forces_virial(model: DPA3Model, graph: Graph, case_embd: jax.Array | None = None) -> dict[str, jax.Array]:
@@ -56,10 +65,10 @@ def energy_forces_virial(model: DPA3Model, graph: Graph, case_embd: jax.Array | 
         return jnp.sum(atom_energy), atom_energy
 
     (_, atom_energy), g = jax.value_and_grad(total_energy, has_aux=True)(vectors)  # g: [n_atoms, M, 3]
-    pulled_by_neighbors = jax.ops.segment_sum(g.reshape(-1, 3), graph.neighbors.reshape(-1), graph.n_atoms)
+    pulled_by_neighbors = sum_into_neighbors(g, graph.neighbors, graph.reverse_neighbors)  # [n_atoms, 3]
     forces = jnp.sum(g, axis=1) - pulled_by_neighbors  # [n_atoms, 3]
     atom_virial = -jnp.sum(g[..., :, None] * vectors[..., None, :], axis=1)  # [n_atoms, 3, 3]
-    virial = jax.ops.segment_sum(atom_virial, graph.atom_frame, num_segments=graph.n_frames)  # [n_frames, 3, 3]
+    virial = frame_sums(atom_virial, graph)  # [n_frames, 3, 3]
     return {
         "energy": frame_energies(atom_energy, graph),
         "atom_energy": atom_energy,

@@ -49,6 +49,9 @@ class Graph(eqx.Module):
     neighbor_mask: jax.Array  # [n_atoms, M] bool, real edge
     angle_mask: jax.Array  # [n_atoms, K] bool, neighbour m < K is one of i's angle neighbours
     n_frames: int = eqx.field(static=True, default=1)
+    # Only where a host code hands over its atoms (the ONNX export, export/README.md); None otherwise:
+    local: jax.Array | None = None  # [n_atoms] bool, atoms whose energy counts (ghost atoms: False)
+    reverse_neighbors: jax.Array | None = None  # [n_atoms, R] int, flat cells pointing at each atom (gather.py)
 
     @property
     def n_atoms(self) -> int:

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from dpa3_ref.activations import get_activation
 from dpa3_ref.config import DPA3Config
+from dpa3_ref.gather import gather_neighbors
 from dpa3_ref.nn import Layer, init_layer, split_rows
 
 
@@ -48,6 +49,7 @@ class LineGraph(NamedTuple):
     edge_h: jax.Array  # [atoms, M, 3] h_ij
     edge_in_angle: jax.Array  # [atoms, M] bool, j is an angle neighbour (only the first K columns can be)
     angle_switch: jax.Array  # [atoms, K] s^a_ij (0 off the angle list)
+    reverse_neighbors: jax.Array | None = None  # [n_atoms, R] race-free gather transpose (ONNX, gather.py)
 
 
 def _column_selection(n_first_like: jax.Array, n_all_like: jax.Array, dtype) -> jax.Array:
@@ -74,6 +76,15 @@ def widen_columns(block: jax.Array, edge_like: jax.Array) -> jax.Array:
     return jnp.matmul(jnp.swapaxes(_column_selection(block[0, :, 0], edge_like[0], block.dtype), 0, 1), block)
 
 
+def slice_last_axis(x: jax.Array, start: int, stop: int) -> jax.Array:
+    """x[..., start:stop]. With symbolic sizes (ONNX export) it is the exact product with a 0/1 matrix:
+    there the indexing becomes a gather whose transpose is a scatter-add (see gather.py), and a slice's
+    transpose (a pad) does not export."""
+    if all(isinstance(size, int) for size in x.shape):
+        return x[..., start:stop]
+    return x @ jnp.eye(x.shape[-1], dtype=x.dtype)[:, start:stop]
+
+
 class NeighborTables(NamedTuple):
     """Per-atom values that edges gather from their neighbour j: n_j and its two linear projections."""
 
@@ -86,7 +97,7 @@ def symmetrise(features: jax.Array, graph: LineGraph, edge_norm: float, axis_neu
     """(N2) G_i(g) for per-edge invariant features g [atoms, M, d] → [atoms, A·d]."""
     weighted = features * graph.edge_switch[..., None]  # [atoms, M, d]
     m = jnp.matmul(jnp.swapaxes(graph.edge_h, 1, 2), weighted) / math.sqrt(edge_norm)  # [atoms, 3, d]
-    g = jnp.matmul(jnp.swapaxes(m[:, :, :axis_neuron], 1, 2), m) / 3.0  # [atoms, A, d]
+    g = jnp.matmul(jnp.swapaxes(slice_last_axis(m, 0, axis_neuron), 1, 2), m) / 3.0  # [atoms, A, d]
     return g.reshape(g.shape[0], -1)
 
 
@@ -116,7 +127,8 @@ class RepFlowLayer(eqx.Module):
         """(node', edge', angle') of a block of atoms: node [atoms, n], edge [atoms, M, e], angle
         [atoms, K, K, a] and graph are that block's rows; `tables` hold every atom. With node_only (the
         last layer) only node' is computed."""
-        neighbor = jax.tree.map(lambda table: table[graph.neighbors], tables)  # [atoms, M, ·]
+        neighbor = jax.tree.map(lambda table: gather_neighbors(table, graph.neighbors, graph.reverse_neighbors),
+                                tables)  # [atoms, M, ·]
         if self.config.sequential_update:
             return self._sequential(neighbor, node, edge, angle, graph, node_only)
         node_new = self.combine(node, self.node_updates(neighbor, node, edge, graph), self.node_residual)
