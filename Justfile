@@ -14,7 +14,19 @@ test *ARGS:
 test-thorough *ARGS:
     HYPOTHESIS_PROFILE=thorough {{python}} -m pytest -q -m "slow or not slow" {{ARGS}}
 
-# build a model, evaluate a generated water box, spot-check invariances, run NVE
+# train from a deepmd-kit input.json (outputs in the repository folder): just train input.json [--restart model.ckpt-N.npz]
+train INPUT *ARGS:
+    .venv/bin/dpa3 train {{INPUT}} {{ARGS}}
+
+# dp test-style errors of a model on labelled systems: just test-model model.npz ../shared/data/water/data_3
+test-model MODEL SYSTEM *ARGS:
+    .venv/bin/dpa3 test --model {{MODEL}} --system {{SYSTEM}} {{ARGS}}
+
+# training parity with deepmd-kit's PyTorch trainer (needs deepmd-kit + torch in /work/dpref): float64, N steps
+training-parity *ARGS:
+    {{python}} -m dpa3_ref.training_parity {{ARGS}}
+
+# the main job: generate EMT datasets, train a multitask DPA3, export, NVE, plots (--quick for a fast run)
 demo *ARGS:
     .venv/bin/dpa3 demo {{ARGS}}
 
