@@ -89,12 +89,17 @@ def init_model(config: DPA3Config, *, key: jax.Array) -> DPA3Model:
 
 
 def with_config(model: DPA3Model, config: DPA3Config) -> DPA3Model:
-    """The same weights under a compatible config, e.g. another precision (leaves cast to its dtypes)."""
-    skeleton = init_model(config, key=jax.random.key(0))
+    """The same weights under a compatible config, e.g. another precision (leaves cast to its dtypes).
+
+    The new config's shapes and dtypes come from tracing init_model, not running it; the leaves are cast on
+    the host (numpy rounds float64 → float32 to nearest, as XLA does), because casting them on the device
+    compiles one small program per leaf shape."""
+    skeleton = eqx.filter_eval_shape(init_model, config, key=jax.random.key(0))  # ShapeDtypeStruct leaves
     old, new = jax.tree.leaves(model), jax.tree.leaves(skeleton)
     if [x.shape for x in old] != [x.shape for x in new]:
         raise ValueError("with_config: the new config implies a different architecture")
-    return jax.tree.unflatten(jax.tree.structure(skeleton), [a.astype(b.dtype) for a, b in zip(old, new, strict=True)])
+    cast = [jnp.asarray(jax.device_get(a).astype(b.dtype)) for a, b in zip(old, new, strict=True)]
+    return jax.tree.unflatten(jax.tree.structure(skeleton), cast)
 
 
 def cast_model(model: DPA3Model, precision: str) -> DPA3Model:

@@ -99,6 +99,20 @@ def test_float32_model_agrees_with_float64(tiny):
     np.testing.assert_allclose(b["forces"], a["forces"], atol=1e-5 * np.abs(a["forces"]).max() + 1e-7)
 
 
+def test_with_config_casts_every_leaf_as_the_device_does(tiny):
+    # with_config takes the new dtypes from a traced (not run) init_model and casts on the host: every leaf
+    # must have the dtype a real initialisation gives, and the value of casting on the device (XLA's convert)
+    for precision in ("float32", "float64"):
+        start = cast_model(tiny.model, "float32") if precision == "float64" else tiny.model
+        config = start.config.replace(precision=precision, fitting_precision=precision)
+        cast = with_config(start, config)
+        assert cast.config == config
+        initialised = jax.tree.leaves(Potential.init(config, seed=0).model)
+        for new, old, like in zip(jax.tree.leaves(cast), jax.tree.leaves(start), initialised, strict=True):
+            assert (new.dtype, new.shape) == (like.dtype, like.shape)
+            np.testing.assert_array_equal(np.asarray(new), np.asarray(old.astype(like.dtype)))
+
+
 def test_padding_does_not_change_results(tiny):
     positions, types, cell = random_system(4)
     graph = build_graph(positions, types, cell, TINY, pad=False)
