@@ -11,8 +11,11 @@ extxyz file (see `dpa3_ref.data`). OUT.npz holds
     forces       (nf, n, 3)   eV/Å
     virial       (nf, 3, 3)   eV, deepmd convention (spec §7)
 
+n counts the system's atom slots. In the mixed-type layout, where a frame may leave slots empty (virtual atoms,
+type -1), each frame is evaluated on its real atoms only and the empty slots hold 0 in atom_energy and forces.
+
 When the system has DFT labels, the errors are printed as deepmd-kit's `dp test` reports them
-(spec §9.2): energy and virial per atom, sqrt(mean_f (ΔE_f / N)²), and in total; forces over all components.
+(spec §9.2): energy and virial per atom, sqrt(mean_f (ΔE_f / N_f)²), and in total; forces over all components.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     potential = load_any(args.model, args.threads, args.head)
     predictions = evaluate_system(potential, system)
     write_npz_atomically(args.out, predictions)
-    print(f"wrote {args.out}: {system.n_frames} frames of {system.n_atoms} atoms")
+    slots = "atom slots (mixed types)" if system.is_mixed_type else "atoms"
+    print(f"wrote {args.out}: {system.n_frames} frames of {system.n_atoms} {slots}")
     report = rmse_report(predictions, system)
     if report:
         print(format_report(report, system))
@@ -69,36 +73,47 @@ def load_any(path: Path, threads: int | None = None, head: str | None = None):
 
 
 def evaluate_system(potential, system: System, progress: bool = True) -> dict[str, np.ndarray]:
-    """`potential.evaluate` on every frame, stacked: energy [nf], atom_energy [nf, n], forces [nf, n, 3], virial [nf, 3, 3]."""
-    types = system.type_indices(potential.type_map)  # [n]; names the element if the model lacks one
-    frames = []
-    for frame in tqdm(range(system.n_frames), desc=f"evaluating {system.source.name}", unit="frame",
-                      disable=not progress):
+    """`potential.evaluate` on every frame: energy [nf], atom_energy [nf, n], forces [nf, n, 3], virial [nf, 3, 3].
+
+    Frame by frame, because the atoms can change from frame to frame (the mixed-type layout). A virtual atom
+    (type -1, an empty slot) is left out of its frame, and its slot gets 0 in atom_energy and forces, so that
+    the outputs keep the system's n atom slots."""
+    system.check_type_map(potential.type_map)  # names an element the model lacks before any work is done
+    n_frames, n_slots = system.n_frames, system.n_atoms
+    out = {"energy": np.zeros(n_frames), "atom_energy": np.zeros((n_frames, n_slots)),
+           "forces": np.zeros((n_frames, n_slots, 3)), "virial": np.zeros((n_frames, 3, 3))}
+    for frame in tqdm(range(n_frames), desc=f"evaluating {system.source.name}", unit="frame", disable=not progress):
+        types = system.frame_type_indices(frame, potential.type_map)  # [n], -1 for a virtual atom
+        real = types >= 0  # [n]
         cell = None if system.cell is None else system.cell[frame]
-        frames.append(potential.evaluate(system.coord[frame], types, cell))
-    keys = ("energy", "atom_energy", "forces", "virial")
-    return {key: np.stack([np.asarray(result[key], dtype=np.float64) for result in frames]) for key in keys}
+        result = potential.evaluate(system.coord[frame][real], types[real], cell)
+        out["energy"][frame] = result["energy"]
+        out["atom_energy"][frame, real] = result["atom_energy"]
+        out["forces"][frame, real] = result["forces"]
+        out["virial"][frame] = result["virial"]
+    return out
 
 
 def rmse_report(pred: dict[str, np.ndarray], system: System) -> dict[str, float]:
     """Root-mean-square errors against the system's labels, for the labels it has (spec §9.2).
 
-    energy_rmse_per_atom = sqrt(mean_f (ΔE_f / N)²), energy_rmse = sqrt(mean_f ΔE_f²),
+    energy_rmse_per_atom = sqrt(mean_f (ΔE_f / N_f)²), energy_rmse = sqrt(mean_f ΔE_f²),
     force_rmse = sqrt(mean over frames, atoms and xyz of ΔF²),
-    virial_rmse_per_atom = sqrt(mean_f mean_9 (ΔW_f / N)²), virial_rmse = the same without 1/N.
+    virial_rmse_per_atom = sqrt(mean_f mean_9 (ΔW_f / N_f)²), virial_rmse = the same without 1/N_f.
+    N_f counts the atoms of frame f; virtual atoms (mixed-type layout) count nowhere, forces included.
     """
-    n_atoms = system.n_atoms
+    n_atoms = system.n_real_atoms  # [nf]
     report = {}
     if system.energy is not None:
         energy_error = pred["energy"] - system.energy  # [nf]
         report["energy_rmse"] = _rms(energy_error)
         report["energy_rmse_per_atom"] = _rms(energy_error / n_atoms)
     if system.forces is not None:
-        report["force_rmse"] = _rms(pred["forces"] - system.forces)
+        report["force_rmse"] = _rms((pred["forces"] - system.forces)[system.real_atom_mask])  # [real atoms, 3]
     if system.virial is not None:
         virial_error = pred["virial"] - system.virial  # [nf, 3, 3]
         report["virial_rmse"] = _rms(virial_error)
-        report["virial_rmse_per_atom"] = _rms(virial_error / n_atoms)
+        report["virial_rmse_per_atom"] = _rms(virial_error / n_atoms[:, None, None])
     return report
 
 

@@ -103,3 +103,56 @@ def _copy_frames(source: Path, destination: Path, n_frames: int) -> Path:
     for array_file in sorted((source / "set.000").glob("*.npy")):
         np.save(destination / "set.000" / array_file.name, np.load(array_file)[:n_frames])
     return destination
+
+
+# --------------------------------------------------------------------------- mixed-type systems
+def test_eval_mixed_type_system_frame_by_frame(tmp_path, capsys):
+    """A mixed-type deepmd/npy system (the atoms change from frame to frame, empty slots are virtual atoms,
+    type -1): every frame equals the model on that frame's real atoms alone, and empty slots hold 0."""
+    from dpa3_ref import DPA3Config, Potential
+    from dpa3_ref.cli import main
+
+    config = DPA3Config(type_map=("O", "H"), n_dim=8, e_dim=4, a_dim=4, nlayers=1, e_sel=20, a_sel=8, e_rcut=4.0,
+                        e_rcut_smth=3.5, a_rcut=3.0, a_rcut_smth=2.5, axis_neuron=2, fitting_neuron=(8, 8))
+    potential = Potential.init(config, seed=1)
+    potential.save(tmp_path / "model.npz")
+    rng = np.random.default_rng(0)
+    # 3 frames of 5 slots; the file's type map is the model's in reverse order (matched by name);
+    # virtual atoms all sit at the origin, which would be an error ("two atoms at one position") if they were used
+    frame_types = np.array([[0, 1, 1, -1, -1], [1, 1, 0, 0, 1], [-1, 0, -1, 1, 1]])  # into ("H", "O")
+    coord = np.stack([np.arange(5)[:, None] * 1.3 + rng.uniform(-0.2, 0.2, (5, 3)) for _ in range(3)])
+    coord[frame_types == -1] = 0.0
+    cell = np.tile(np.eye(3) * 6.5, (3, 1, 1))
+    system_dir = tmp_path / "mixed"
+    (system_dir / "set.000").mkdir(parents=True)
+    (system_dir / "type_map.raw").write_text("H\nO\n")
+    (system_dir / "type.raw").write_text("0\n" * 5)
+    np.save(system_dir / "set.000" / "real_atom_types.npy", frame_types)
+    np.save(system_dir / "set.000" / "coord.npy", coord.reshape(3, -1))
+    np.save(system_dir / "set.000" / "box.npy", cell.reshape(3, 9))
+    out = tmp_path / "out.npz"
+    assert main(["eval", "--model", str(tmp_path / "model.npz"), "--system", str(system_dir), "--out", str(out)]) == 0
+    predictions = np.load(out)
+    assert predictions["atom_energy"].shape == (3, 5) and predictions["forces"].shape == (3, 5, 3)
+    for frame in range(3):
+        real = frame_types[frame] >= 0
+        symbols = [("H", "O")[t] for t in frame_types[frame][real]]
+        alone = potential.evaluate(coord[frame][real], symbols, cell[frame])
+        np.testing.assert_allclose(predictions["energy"][frame], alone["energy"], rtol=1e-12)
+        np.testing.assert_allclose(predictions["atom_energy"][frame][real], alone["atom_energy"], rtol=1e-12)
+        np.testing.assert_allclose(predictions["forces"][frame][real], alone["forces"], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(predictions["virial"][frame], alone["virial"], rtol=0, atol=1e-12)
+        assert np.all(predictions["atom_energy"][frame][~real] == 0) and np.all(predictions["forces"][frame][~real] == 0)
+
+
+def test_rmse_report_counts_real_atoms_only():
+    # frame 0 has 2 real atoms of 3 slots, frame 1 all 3: per-atom energies divide by 2 and 3, and the
+    # virtual slot's force error (labels there are ignored) does not enter the force RMSE
+    labels = System(coord=np.zeros((2, 3, 3)), atom_names=None, cell=None, source=Path("toy"),
+                    frame_types=np.array([[0, 0, -1], [0, 0, 0]]), elements=("H",),
+                    energy=np.zeros(2), forces=np.zeros((2, 3, 3)))
+    forces = np.ones((2, 3, 3))
+    forces[0, 2] = 100.0  # a virtual slot
+    report = rmse_report({"energy": np.array([2.0, 3.0]), "forces": forces}, labels)
+    assert report["energy_rmse_per_atom"] == pytest.approx(1.0)
+    assert report["force_rmse"] == pytest.approx(1.0)
