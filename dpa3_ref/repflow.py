@@ -211,7 +211,8 @@ class RepFlowLayer(eqx.Module):
         # derivative with respect to the switches is then a product of its own in each layer. Written as a
         # sum, XLA merged that derivative of all layers into one reduction, which kept every layer's message
         # and a broadcast copy of its cotangent, [atoms, K, K, e] each, alive until the end (force training).
-        reduced = jnp.matmul(weight[:, :, None, :], message)[:, :, 0] / math.sqrt(cfg.angle_norm)  # [atoms, K, e]
+        # (squeeze rather than [:, :, 0]: with symbolic sizes the slice's transpose exports as a scatter)
+        reduced = jnp.squeeze(jnp.matmul(weight[:, :, None, :], message), 2) / math.sqrt(cfg.angle_norm)  # [atoms, K, e]
         return reduced, angle_new
 
     def angle_to_edge(self, reduced, edge, graph: LineGraph) -> jax.Array:

@@ -129,6 +129,7 @@ class Widths:
             widths = (-(-graph.n_atoms // self.multiple) * self.multiple, graph.max_neighbors, graph.max_angle_neighbors)
             graph, labels = make_batch(system, frames, config, widths=widths)
         self.seen[key] = [graph.n_atoms, graph.max_neighbors, graph.max_angle_neighbors]
+        self.last_shape = (*self.seen[key], graph.n_frames)  # what the compiled step depends on
         return graph, labels
 
 
@@ -194,7 +195,7 @@ class Trainer:
         """The state of a checkpoint written by this input (`--restart`)."""
         shapes = eqx.filter_eval_shape(init_multitask, heads_of(self.config), key=jax.random.key(0))
         self.start_from(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))  # the names and shapes to read
-        self.state = read_checkpoint(checkpoint, skeleton=self.state)
+        self.state = read_checkpoint(latest_checkpoint(Path(checkpoint)), skeleton=self.state)
 
     # ---------------------------------------------------------------- one step
     def prefactors(self, head: str, learning_rate: float) -> dict[str, jax.Array]:
@@ -276,6 +277,7 @@ class Trainer:
         from tqdm import tqdm
 
         config, state = self.config, self.state
+        self.first_step = state.step
         for name, data in self.data.items():
             if name in state.samplers:
                 data.sampler.load_state(state.samplers[name])
@@ -289,7 +291,7 @@ class Trainer:
             for step in range(state.step, config.numb_steps):
                 started = time.perf_counter()
                 head, learning_rate, metrics = self.run_step(step)
-                key = (head, tuple(tuple(self.widths.seen[k]) for k in sorted(self.widths.seen)))
+                key = (head, self.widths.last_shape)
                 if key in compiled:
                     self.step_times.append(time.perf_counter() - started)
                 compiled.add(key)
@@ -404,6 +406,17 @@ def read_checkpoint(path: Path, skeleton: TrainState) -> TrainState:
         ema = fill_like(skeleton.ema, data, path, prefix="ema/") if skeleton.ema is not None else None
     return TrainState(model=model, opt_state=opt_state, ema=ema, step=int(meta["step"]), samplers=meta["samplers"],
                       widths=meta["widths"], best=float(meta["best"]))
+
+
+def latest_checkpoint(path: Path) -> Path:
+    """A checkpoint file itself, or the newest one named by the `checkpoint` file in a folder, in the file
+    `path` names, or beside the prefix `path` (e.g. `model.ckpt`), as deepmd-kit's checkpoint pointer."""
+    if path.is_file() and path.suffix == ".npz":
+        return path
+    pointer = path / "checkpoint" if path.is_dir() else path if path.name == "checkpoint" else path.parent / "checkpoint"
+    if pointer.is_file():
+        return pointer.parent / pointer.read_text().strip()
+    raise Dpa3Error(f"{path}: no such checkpoint (give a model.ckpt-N.npz file, or a folder with a 'checkpoint' file)")
 
 
 def prune_checkpoints(workdir: Path, prefix: str, keep: int) -> None:
@@ -603,9 +616,11 @@ def summarise(trainer: Trainer, output: Path, elapsed: float, plots: bool) -> No
         if metrics:
             print(f"valid    {name}: " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()) if k != "rmse"))
     if trainer.step_times:
-        print(f"time     {elapsed:.1f} s in all, {np.mean(trainer.step_times):.3f} s/step after compilation")
-    else:
-        print(f"time     {elapsed:.1f} s in all")
+        print(f"time     {elapsed:.1f} s in all, {np.mean(trainer.step_times):.3f} s/step after compilation "
+              f"({len(trainer.step_times)} steps)")
+    else:  # every step compiled something (a very short run): the mean includes compilation
+        steps = max(trainer.state.step - trainer.first_step, 1)
+        print(f"time     {elapsed:.1f} s in all, {elapsed / steps:.3f} s/step including compilation (too few steps)")
     if plots:
         write_plots(trainer, output)
     print(f"final model: {output}")
