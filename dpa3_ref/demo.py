@@ -23,11 +23,15 @@ ships with ASE: effective-medium theory (EMT) for Cu and Ni. Its steps, each tim
 4. **Validation RMSEs** per dataset of both models, as `dp test` computes them (`dpa3_ref.testing`).
 5. **Spot checks** of the trained model in float64: rotation and translation invariance, force = −∇E.
 6. **NVE molecular dynamics** with the trained model as an ASE calculator: the drift of the total energy.
-7. (ONNX export and its check against JAX: to come with the export work, see `export_and_check`.)
+7. **ONNX export** of head "emt" (`dpa3 export`, contract v1, float32 like the model) to WORKDIR/model-emt.onnx,
+   run by onnxruntime through the JAX-free client dpa3_onnx and compared with JAX: on a validation frame, and
+   on the same frame handed over as an MD code with domain decomposition would (local + ghost atoms).
+   Needs the export extra (pip install 'dpa3-ref[export]'); without it the step is skipped, saying so.
 
 The learning curve (lcurve.out, lcurve.png) and the parity plots (parity.png) are written by training.
-`dpa3 demo --quick` runs the same steps on tiny data for a few dozen steps, without the contrast model; it
-exists so that CI runs the main job on every change.
+`dpa3 demo --quick` runs the same steps on tiny data for a few dozen steps, without the contrast model and
+without the ONNX export (jax2onnx's tracing of the force graph alone takes 30–70 s); it exists so that CI runs
+the main job on every change.
 
 Measured on the 2-core development machine, compilation included: the full demo 113 s (132 s of CPU time;
 two models of 1000 steps each), `--quick` 39 s (48 s of CPU time).
@@ -38,9 +42,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -61,12 +67,13 @@ class DemoSize:
     numb_steps: int  # training steps of each model
     nve_steps: int
     single_task: bool  # train the single-task model on the union for contrast
+    onnx: bool  # export to ONNX and check onnxruntime against JAX
 
 
 FULL = DemoSize(rattle=(0.02, 0.04, 0.06), frames_per_rattle=20, validation_fraction=0.2,
-                numb_steps=1000, nve_steps=100, single_task=True)
+                numb_steps=1000, nve_steps=100, single_task=True, onnx=True)
 QUICK = DemoSize(rattle=(0.02, 0.06), frames_per_rattle=3, validation_fraction=0.34,
-                 numb_steps=30, nve_steps=10, single_task=False)
+                 numb_steps=30, nve_steps=10, single_task=False, onnx=False)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -385,13 +392,78 @@ def nve(model_path: Path, head: str, atoms, steps: int, seed: int, progress: boo
             f"meV/atom, fluctuation (std) {totals.std() * 1e3:.4f} meV/atom, final T = {atoms.get_temperature():.0f} K")
 
 
-def export_and_check(model_path: Path, head: str, workdir: Path) -> list[str] | None:
-    """Step 7, the ONNX export of one head and a check of onnxruntime against JAX.
+def export_and_check(model_path: Path, head: str, workdir: Path, system: Path) -> list[str]:
+    """Export one head to ONNX (`dpa3 export`, contract v1) and check onnxruntime against JAX.
 
-    Not yet part of the demo: it will be added when the training-aware export lands (issue 8, item 9).
-    Returns the lines to print, or None while the step does not exist."""
-    del model_path, head, workdir
-    return None
+    The file has the model's own precision (float32 here: descriptor and fitting net are float32, so the
+    file's arithmetic, inputs and outputs are float32). It is run by the JAX-free client dpa3_onnx with
+    onnxruntime's default threads, on the first frame of `system` (a validation system of `head`), then on
+    the same frame as a domain-decomposed MD code hands it over: the cell's atoms as local atoms plus every
+    periodic image within the halo (nlayers · e_rcut) as ghost atoms, no cell. There the energy of the local
+    atoms, and the forces summed back onto the atoms the ghosts are images of, must be the periodic ones.
+    Both are compared with `dpa3_ref.load(model, head=head)` evaluating the periodic frame."""
+    import dpa3_ref
+    from dpa3_onnx import OnnxPotential
+    from dpa3_ref.data import read_system
+    from dpa3_ref.export_onnx import export_onnx, float_type
+
+    potential = dpa3_ref.load(model_path, head=head)
+    path = workdir / f"model-{head}.onnx"
+    started = time.perf_counter()
+    with warnings.catch_warnings():  # a float32 file is float32 throughout: JAX says so for each float64 it meets
+        warnings.filterwarnings("ignore", message="Explicitly requested dtype float64", category=UserWarning)
+        export_onnx(potential, path, head=head)
+    export_seconds = time.perf_counter() - started
+    onnx_potential = OnnxPotential(path)
+
+    frame = read_system(system)
+    positions, symbols, cell = frame.coord[0], frame.atom_names, frame.cell[0]
+    reference, jax_seconds = timed(lambda: potential.evaluate(positions, symbols, cell))
+    periodic, onnx_seconds = timed(lambda: onnx_potential.evaluate(positions, symbols, cell))
+    all_positions, owner = with_ghosts(positions, cell, onnx_potential.info.halo)
+    ghosts, ghost_seconds = timed(lambda: onnx_potential.evaluate(all_positions, [symbols[i] for i in owner],
+                                                                   n_local=len(positions)))
+    folded = np.zeros_like(positions)  # [n, 3] the ghosts' forces added to the atoms they are images of
+    np.add.at(folded, owner, ghosts["forces"])
+    return [
+        f"{path} ({float_type(potential.config)}, head {head!r}, {path.stat().st_size / 1e6:.1f} MB): "
+        f"exported in {export_seconds:.0f} s",
+        f"onnxruntime ({', '.join(onnx_potential.providers)}, default threads) vs JAX on a validation frame "
+        f"({system.name}, {len(positions)} atoms): max |ΔE| = {difference(periodic, reference, 'energy'):.1e} eV, "
+        f"max |ΔF| = {difference(periodic, reference, 'forces'):.1e} eV/Å; "
+        f"{onnx_seconds * 1e3:.0f} ms per call (JAX {jax_seconds * 1e3:.0f} ms)",
+        f"the same frame as {len(positions)} local + {len(all_positions) - len(positions)} ghost atoms (no cell): "
+        f"max |ΔE| = {difference(ghosts, reference, 'energy'):.1e} eV, max |ΔF| (ghost forces folded back) = "
+        f"{np.abs(folded - reference['forces']).max():.1e} eV/Å; {ghost_seconds * 1e3:.0f} ms per call",
+    ]
+
+
+def timed(evaluate) -> tuple[dict, float]:
+    """The result of `evaluate()` and the seconds of a second call (the first one compiles or warms up)."""
+    evaluate()
+    started = time.perf_counter()
+    result = evaluate()
+    return result, time.perf_counter() - started
+
+
+def difference(a: dict, b: dict, key: str) -> float:
+    return float(np.abs(np.asarray(a[key]) - np.asarray(b[key])).max())
+
+
+def with_ghosts(positions: np.ndarray, cell: np.ndarray, halo: float) -> tuple[np.ndarray, np.ndarray]:
+    """The atoms wrapped into the cell, followed by every periodic image within `halo` of one of them.
+
+    Returns the positions [n + ghosts, 3] and, for every atom, the index of the atom it is an image of."""
+    fractional = np.linalg.solve(cell.T, positions.T).T
+    local = (fractional - np.floor(fractional)) @ cell  # [n, 3]
+    heights = abs(np.linalg.det(cell)) / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
+    reach = int(np.ceil(halo / heights.min()))  # cells to go in each direction
+    shifts = np.array(list(np.ndindex(*[2 * reach + 1] * 3))) - reach
+    shifts = shifts[np.abs(shifts).sum(axis=1) > 0] @ cell  # [images, 3] Å, every cell but the home one
+    images = (local[None] + shifts[:, None]).reshape(-1, 3)
+    owner = np.tile(np.arange(len(local)), len(shifts))
+    near = np.linalg.norm(images[:, None] - local[None], axis=-1).min(axis=1) <= halo
+    return np.concatenate([local, images[near]]), np.concatenate([np.arange(len(local)), owner[near]])
 
 
 # =========================================================================== the run
@@ -413,6 +485,11 @@ class Steps:
         return time.perf_counter() - self.started
 
 
+def missing_export_packages() -> list[str]:
+    """The packages of the export extra that are not installed (the ONNX step needs them)."""
+    return [name for name in ("jax2onnx", "onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+
+
 def compile_fast() -> None:
     """Ask XLA for its cheapest LLVM optimisation level, unless the user set XLA_FLAGS.
 
@@ -430,7 +507,9 @@ def run(args: argparse.Namespace) -> int:
     workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
-    steps = Steps(total=6 if size.single_task else 5)
+    missing = missing_export_packages() if size.onnx else []
+    onnx_step = size.onnx and not missing
+    steps = Steps(total=5 + int(size.single_task) + int(onnx_step))
     rng = np.random.default_rng(args.seed)
 
     with steps.step("data: Cu and Ni with ASE's EMT, two datasets computed with different settings"):
@@ -474,9 +553,15 @@ def run(args: argparse.Namespace) -> int:
     with steps.step("NVE molecular dynamics with the trained model (ASE calculator, head 'emt')"):
         print(f"      {nve(model_path, 'emt', structure, size.nve_steps, args.seed, progress)}")
 
-    exported = export_and_check(model_path, "emt", workdir)
-    for line in exported or []:
-        print(f"      {line}")
+    if not size.onnx:
+        print("\n(--quick skips the ONNX export, which takes longer than the rest of --quick; "
+              "the full demo runs it)")
+    elif missing:
+        print(f"\n(no ONNX export: {', '.join(missing)} not installed; pip install 'dpa3-ref[export]')")
+    if onnx_step:
+        with steps.step("ONNX export of head 'emt' and onnxruntime (dpa3_onnx, no JAX) against JAX"):
+            for line in export_and_check(model_path, "emt", workdir, datasets["emt"].validation[0]):
+                print(f"      {line}")
 
     print(f"\nmodel  {model_path} (heads {', '.join(datasets)}: dpa3 test/eval --model {model_path} --head emt)")
     print(f"plots  {workdir / 'lcurve.png'}, {workdir / 'parity.png'}")
