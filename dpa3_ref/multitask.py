@@ -73,7 +73,7 @@ class MultiTaskModel(eqx.Module):
         """The energy model of one head (a view: its arrays are the shared components)."""
         info = self.head_info(name)
         fitting = self.fittings[info.fitting_key]
-        if info.config.dim_case_embd > 0:
+        if info.case_index is not None:  # a single-task head keeps its fitting's one-hot (zeros, or a branch's)
             one_hot = jax.nn.one_hot(info.case_index, info.config.dim_case_embd, dtype=fitting.case_embd.dtype)
             fitting = eqx.tree_at(lambda f: f.case_embd, fitting, one_hot)
         return DPA3Model(

@@ -191,6 +191,15 @@ def test_multitask_dataset_encoding_trains_every_head(tmp_path):
                                       np.eye(3) * 5)["energy"])
 
 
+def test_a_single_task_model_with_dataset_encoding_keeps_a_zero_one_hot(tmp_path):
+    """A single-task fitting may have dim_case_embd > 0 (a branch of a multitask model has); it has no index,
+    so its one-hot stays zeros, as in deepmd-kit, and training must not need one."""
+    data = single_input(tmp_path, numb_steps=1)
+    data["model"] = {**TINY_MODEL, "fitting_net": {**TINY_MODEL["fitting_net"], "dim_case_embd": 2}}
+    path = train(parse_input(data, tmp_path), tmp_path, progress=False, plots=False)
+    np.testing.assert_array_equal(dpa3_ref.load(path).model.fitting.case_embd, [0.0, 0.0])
+
+
 def test_tasks_are_drawn_with_model_prob():
     """A chi-square test of 4000 draws against model_prob; false-alarm rate 1e-4 (and the draws are fixed by
     the seed, so the test is deterministic)."""
