@@ -195,9 +195,9 @@ def official_side(rundir: Path) -> None:
     """`dp --pt train input.json --skip-neighbor-stat` in RUNDIR, every training step timed (steps.jsonl).
 
     Run by deepmd-kit's Python as `/work/dpref/bin/python -P training_benchmark.py official RUNDIR`."""
-    import torch
     from deepmd.main import main as dp_main
     from deepmd.pt.train import training
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     os.chdir(rundir)
     records: list[dict] = []
@@ -212,7 +212,7 @@ def official_side(rundir: Path) -> None:
         records[-1]["seconds"] = time.perf_counter() - records[-1].pop("start")
 
     training.Trainer._next_training_batch = timed_next_batch
-    torch.optim.optimizer.register_optimizer_step_post_hook(step_done)
+    register_optimizer_step_post_hook(step_done)
     dp_main(["--pt", "train", "input.json", "--skip-neighbor-stat"])
     with open(STEP_RECORD, "w") as stream:
         for step, record in enumerate(records):
