@@ -22,6 +22,10 @@ N + M steps in one go.
 Starting points (deepmd-kit's flags): from scratch (statistics from the data), `--init-model M` (weights,
 statistics and energy offsets of M; step 0 and a fresh optimizer), `--restart CKPT` (everything),
 `--finetune M [--model-branch B]` (finetune.py: weights of M, energy offsets re-fitted to the new data).
+
+Several devices, of one process or of several joined by jax.distributed.initialize() (`--distributed`): each
+batch's atoms are split over all of them and the parameters replicated (plain jax.sharding); every process
+builds the same batch, and process 0 alone writes files (docs/training.md §9).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -39,6 +44,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dpa3_ref.batches import Labels, Sampler, batches_per_epoch, make_batch, system_probabilities
 from dpa3_ref.checkpoint import fill_like, leaves_by_name, load_model, save_model, write_npz
@@ -164,6 +171,7 @@ class Trainer:
         )
         self.optimizer = make_optimizer(config.optimizer, config.gradient_max_norm)
         self.mesh = data_parallel_mesh()
+        self.writes_files = jax.process_index() == 0  # several processes: all compute, process 0 writes
         self.widths = Widths(multiple=self.mesh.size if self.mesh is not None else 1)
         self.stop_signal: int | None = None
         self.step_times: list[float] = []
@@ -173,8 +181,9 @@ class Trainer:
         """Step 0 with these weights: a fresh optimizer (and EMA) state."""
         self.unused = self.unused_arrays(model)
         params, _ = eqx.partition(model, self.trainable(model))
-        self.state = TrainState(model=model, opt_state=self.optimizer.init(params),
-                                ema=params if self.config.enable_ema else None, step=0, samplers={}, widths={})
+        self.state = self.replicated(TrainState(model=model, opt_state=self.optimizer.init(params),
+                                                ema=params if self.config.enable_ema else None, step=0,
+                                                samplers={}, widths={}))
 
     def trainable(self, model: MultiTaskModel):
         return trainable_filter(model, self.unused)
@@ -195,7 +204,22 @@ class Trainer:
         """The state of a checkpoint written by this input (`--restart`)."""
         shapes = eqx.filter_eval_shape(init_multitask, heads_of(self.config), key=jax.random.key(0))
         self.start_from(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))  # the names and shapes to read
-        self.state = read_checkpoint(latest_checkpoint(Path(checkpoint)), skeleton=self.state)
+        self.state = self.replicated(read_checkpoint(latest_checkpoint(Path(checkpoint)), skeleton=self.state))
+
+    def replicated(self, state: TrainState) -> TrainState:
+        """The model, optimizer state and EMA whole on every device of the mesh, with process 0's numbers.
+
+        jit takes its inputs where they are, and a model built or read by one process lives on one of its
+        devices, which the other processes cannot address. Process 0's numbers are broadcast so that a
+        statistic that differs in the last bit from host to host cannot leave the copies different."""
+        if self.mesh is None:
+            return state
+        everywhere = NamedSharding(self.mesh, PartitionSpec())
+        arrays, rest = eqx.partition((state.model, state.opt_state, state.ema), eqx.is_array)
+        arrays = jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, everywhere, lambda index: x[index]),
+                              multihost_utils.broadcast_one_to_all(arrays))
+        model, opt_state, ema = eqx.combine(arrays, rest)
+        return dataclasses.replace(state, model=model, opt_state=opt_state, ema=ema)
 
     # ---------------------------------------------------------------- one step
     def prefactors(self, head: str, learning_rate: float) -> dict[str, jax.Array]:
@@ -210,18 +234,20 @@ class Trainer:
         return self.place(graph), self.place(labels)
 
     def place(self, tree):
-        """Shard arrays with an atom axis over the devices (data parallelism); others are replicated."""
+        """Shard arrays with an atom axis over the devices (data parallelism); others are replicated.
+
+        Every process builds the same whole batch (same data, same seeded sampler) and gives JAX the pieces
+        that belong on its own devices."""
         if self.mesh is None:
             return tree
-        from jax.sharding import NamedSharding, PartitionSpec
-
         n_atoms = tree.atom_mask.shape[0] if isinstance(tree, Labels) else tree.positions.shape[0]
 
         def put(x):
             if not isinstance(x, np.ndarray | jax.Array):
                 return x
+            x = np.asarray(x)
             spec = PartitionSpec("data") if x.ndim and x.shape[0] == n_atoms else PartitionSpec()
-            return jax.device_put(x, NamedSharding(self.mesh, spec))
+            return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, spec), lambda index: x[index])
 
         return jax.tree.map(put, tree)
 
@@ -282,11 +308,13 @@ class Trainer:
             if name in state.samplers:
                 data.sampler.load_state(state.samplers[name])
         self.widths.seen.update(state.widths)
-        lcurve = LearningCurve(self.workdir / config.disp_file, list(self.heads), restart=state.step > 0)
+        # the other processes compute the same lines (validation runs on all devices) and drop them
+        disp_file = self.workdir / config.disp_file if self.writes_files else Path(os.devnull)
+        lcurve = LearningCurve(disp_file, list(self.heads), restart=state.step > 0)
         handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         compiled: set = set()
-        bar = tqdm(total=config.numb_steps, initial=state.step, disable=not progress, unit="step",
-                   dynamic_ncols=True, desc="train")
+        bar = tqdm(total=config.numb_steps, initial=state.step, disable=not (progress and self.writes_files),
+                   unit="step", dynamic_ncols=True, desc="train")
         try:
             for step in range(state.step, config.numb_steps):
                 started = time.perf_counter()
@@ -307,14 +335,15 @@ class Trainer:
                     validation = {name: self.validate(name, learning_rate) for name in self.heads}
                     lcurve.write(display, learning_rate, validation)
                     self.keep_best(validation)
-                if self.stop_signal is not None:
+                stop = self.agreed_stop()
+                if stop is not None:
                     break
                 if display == config.numb_steps or (config.save_freq > 0 and display % config.save_freq == 0):
                     self.save_checkpoint()
             else:
                 return self.state
             path = self.save_checkpoint()
-            raise TrainingInterrupted(self.stop_signal, path, state.step)
+            raise TrainingInterrupted(stop, path, state.step)
         finally:
             bar.close()
             lcurve.close()
@@ -325,13 +354,22 @@ class Trainer:
         del frame
         self.stop_signal = signum
 
+    def agreed_stop(self) -> int | None:
+        """The signal to stop on, as the processes agree: all stop after the same step if any one was
+        signalled (one that stopped alone would leave the others waiting for it in the next step)."""
+        if jax.process_count() == 1:
+            return self.stop_signal
+        signals = multihost_utils.process_allgather(np.int32(self.stop_signal or 0))
+        return int(np.max(signals)) or None
+
     # ---------------------------------------------------------------- best model
     def keep_best(self, validation: dict[str, dict[str, float]]) -> None:
         """Keep the model with the lowest validation score (Σ over heads of rmse_e + rmse_f) as model_best.npz."""
         score = validation_score(validation)
         if score < self.state.best:
             self.state.best = score
-            save_model(self.final_model(use_ema=True), self.workdir / "model_best.npz")
+            if self.writes_files:
+                save_model(self.final_model(use_ema=True), self.workdir / "model_best.npz")
 
     def final_model(self, use_ema: bool = False):
         """The trained model file content: a single model for one head, else the multitask model."""
@@ -347,9 +385,10 @@ class Trainer:
         state.samplers = {name: data.sampler.state_dict() for name, data in self.data.items()}
         state.widths = dict(self.widths.seen)
         path = self.workdir / f"{self.config.save_ckpt}-{state.step}.npz"
-        write_checkpoint(state, self.config, path)
-        (self.workdir / "checkpoint").write_text(path.name + "\n")
-        prune_checkpoints(self.workdir, self.config.save_ckpt, self.config.max_ckpt_keep)
+        if self.writes_files:
+            write_checkpoint(state, self.config, path)
+            (self.workdir / "checkpoint").write_text(path.name + "\n")
+            prune_checkpoints(self.workdir, self.config.save_ckpt, self.config.max_ckpt_keep)
         return path
 
 
@@ -369,8 +408,9 @@ class TrainingInterrupted(Exception):
 
 
 def data_parallel_mesh():
-    """A 1-D mesh over all local devices ("data"), or None on one device: XLA inserts the gradient all-reduce."""
-    devices = jax.local_devices()
+    """A 1-D mesh ("data") over all devices, of every process after jax.distributed.initialize(), or None on
+    one device: XLA inserts the gradient all-reduce."""
+    devices = jax.devices()
     if len(devices) == 1:
         return None
     return jax.sharding.Mesh(np.array(devices), ("data",))
@@ -498,7 +538,8 @@ def fresh_model(config: TrainInput, data: dict[str, HeadData]) -> MultiTaskModel
         systems = data[head.name].systems
         frames = sample_frames([s.n_frames for s in systems], data[head.name].batch_sizes, head.data_stat_nbatch,
                                seed=seed)
-        stat_file = StatFile(head.stat_file) if head.stat_file else None
+        # one writer; the other processes compute the same numbers, and start from process 0's (replicated)
+        stat_file = StatFile(head.stat_file) if head.stat_file and jax.process_index() == 0 else None
         statistics[head.name] = task_statistics(systems, head.model, frames, stat_file=stat_file, head=head.name)
         model = eqx.tree_at(lambda m: m.out_bias[head.name], model, jnp.asarray(statistics[head.name].out_bias))
     for key, descriptor in model.descriptors.items():
@@ -549,11 +590,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="model.npz", help="final model file (default model.npz)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-plots", action="store_true", help="skip the learning-curve and parity plots")
+    parser.add_argument("--distributed", action="store_true",
+                        help="one process of a multi-host run: jax.distributed.initialize() with the settings of "
+                             "the cluster (SLURM, Open MPI, ...); see docs/training.md 9.2")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.model_branch and not args.finetune:
         raise Dpa3Error("--model-branch is only used with --finetune")
+    if args.distributed:
+        jax.distributed.initialize()  # before anything touches a device
     try:
         train(read_input(args.input), Path.cwd(), init_model=args.init_model, restart=args.restart,
               finetune=args.finetune, model_branch=args.model_branch, output=args.output,
@@ -589,7 +635,8 @@ def train(config: TrainInput, workdir: Path, *, init_model=None, restart=None, f
     describe(config, trainer)
     trainer.train(progress=progress)
     path = workdir / output
-    save_model(trainer.final_model(), path)
+    if trainer.writes_files:
+        save_model(trainer.final_model(), path)
     summarise(trainer, path, time.perf_counter() - started, plots=plots)
     return path
 
@@ -621,7 +668,7 @@ def summarise(trainer: Trainer, output: Path, elapsed: float, plots: bool) -> No
     else:  # every step compiled something (a very short run): the mean includes compilation
         steps = max(trainer.state.step - trainer.first_step, 1)
         print(f"time     {elapsed:.1f} s in all, {elapsed / steps:.3f} s/step including compilation (too few steps)")
-    if plots:
+    if plots and trainer.writes_files:
         write_plots(trainer, output)
     print(f"final model: {output}")
 
@@ -634,8 +681,10 @@ def write_plots(trainer: Trainer, output: Path) -> None:
     workdir = trainer.workdir
     plot_learning_curve(workdir / trainer.config.disp_file, workdir / "lcurve.png")
     predicted, reference = {}, {}
+    model = jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x,
+                         trainer.state.model)  # this process's copy: the plots are computed here alone
     for name, data in trainer.data.items():
-        potential = Potential(trainer.state.model.head(name))
+        potential = Potential(model.head(name))
         predicted[name], reference[name] = parity_data(potential, data.validation or data.systems)
     plot_parity(predicted, reference, workdir / "parity.png")
     print(f"plots    {workdir / 'lcurve.png'}, {workdir / 'parity.png'} (validation data)")

@@ -7,6 +7,7 @@ checked is the algorithm, in seconds.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -241,3 +242,99 @@ def test_two_devices_give_the_same_training_as_one(tmp_path):
     one, two = results
     assert one["devices"] == 1 and two["devices"] == 2 and two["mesh"]
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-12)
+
+
+TWO_PROCESSES = textwrap.dedent("""
+    import json, signal, sys
+    from pathlib import Path
+    import jax
+    port, process, workdir = sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+    try:  # CPU collectives between processes: gloo (JAX's default on CPU, made explicit)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process, initialization_timeout=60)
+        jax.devices()
+    except Exception as error:
+        print(json.dumps({"unavailable": f"{type(error).__name__}: {error}"}))
+        sys.exit(0)
+    from dpa3_ref.inputs import parse_input
+    from dpa3_ref.train import Trainer, TrainingInterrupted, fresh_model, summarise
+    config = parse_input(json.loads(Path(sys.argv[1]).read_text()), workdir.parent)
+    trainer = Trainer(config, workdir)
+    trainer.start_from(fresh_model(config, trainer.data))
+    losses, run_step = [], trainer.run_step
+    def recording(step):
+        head, learning_rate, metrics = run_step(step)
+        losses.append(metrics["rmse"])
+        if process == 1 and step == 2:  # a SIGTERM that reaches process 1 alone, during the last step
+            trainer.request_stop(signal.SIGTERM, None)
+        return head, learning_rate, metrics
+    trainer.run_step = recording
+    try:
+        trainer.train(progress=False)
+        stopped = None
+    except TrainingInterrupted as stop:
+        stopped = [stop.signum, stop.checkpoint.name, stop.step]
+    summarise(trainer, workdir / "model.npz", 0.0, plots=True)
+    print(json.dumps({"devices": jax.device_count(), "local": jax.local_device_count(), "losses": losses,
+                      "stopped": stopped}))
+""")
+
+
+def test_two_processes_give_the_same_training_as_one(tmp_path):
+    """Multi-host data parallelism: two processes joined by jax.distributed (one CPU device each, gloo
+    collectives) train as one process does; only process 0 writes files; a signal to one process stops both
+    after the same step."""
+    data = single_input(tmp_path, numb_steps=3)
+    data["training"]["training_data"]["systems"] = [str(write_system(tmp_path / "even", 4, seed=1))]  # one shape
+    (tmp_path / "input.json").write_text(json.dumps(data))
+    script = tmp_path / "process.py"
+    script.write_text(TWO_PROCESSES)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}  # one device each
+    workdirs = [tmp_path / f"process{i}" for i in range(2)]  # as on two hosts without a shared disk
+    processes = []
+    for i, workdir in enumerate(workdirs):
+        workdir.mkdir()
+        processes.append(subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "input.json"), str(port), str(i), str(workdir)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment))
+
+    alone = tmp_path / "alone"  # the reference, one process on one device, computed here while they run
+    alone.mkdir()
+    losses, run_step = [], Trainer.run_step
+
+    def recording(self, step):
+        result = run_step(self, step)
+        losses.append(result[2]["rmse"])
+        return result
+
+    Trainer.run_step = recording
+    try:
+        train(parse_input(data, tmp_path), alone, progress=False, plots=False)
+        outputs = [process.communicate(timeout=150) for process in processes]
+    finally:
+        Trainer.run_step = run_step
+        for process in processes:
+            process.kill()  # only one still running after a failure
+    results = []
+    for process, (stdout, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    if any("unavailable" in result for result in results):
+        pytest.skip(f"no cross-process CPU collectives here: {[r.get('unavailable') for r in results]}")
+
+    assert jax.device_count() == 1 and all(r["devices"] == 2 and r["local"] == 1 for r in results)
+    for result in results:
+        np.testing.assert_allclose(result["losses"], losses, rtol=1e-12)
+        assert result["stopped"] == [signal.SIGTERM, "model.ckpt-3.npz", 3]
+    reference, checkpoint = np.load(alone / "model.ckpt-3.npz"), np.load(workdirs[0] / "model.ckpt-3.npz")
+    names = [name for name in reference.files if name.startswith(("model/", "opt/"))]
+    assert len(names) > 10
+    for name in names:
+        np.testing.assert_allclose(checkpoint[name], reference[name], rtol=1e-12, atol=1e-15, err_msg=name)
+    assert (workdirs[0] / "lcurve.out").read_text() == (alone / "lcurve.out").read_text()
+    written = {path.name for path in workdirs[0].iterdir()}
+    assert written == {"lcurve.out", "model.ckpt-3.npz", "checkpoint", "model_best.npz", "lcurve.png", "parity.png"}
+    assert not list(workdirs[1].iterdir())
