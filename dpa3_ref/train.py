@@ -473,15 +473,15 @@ def prune_checkpoints(workdir: Path, prefix: str, keep: int) -> None:
 class LearningCurve:
     """deepmd-kit's lcurve.out: step, then per head `<metric>_val[_head] <metric>_trn[_head]`, then lr.
 
-    Training metrics are those of the display step's batch, or their average over the display interval with
-    training.disp_avg; validation metrics are computed after that step's update.
+    Training metrics are those of the display step's batch (deepmd-kit's default, training.disp_avg false);
+    validation metrics are computed after that step's update. A restart appends to the file and, as
+    deepmd-kit does, writes the header again before its first row (plots.read_lcurve reads such files).
     """
 
-    def __init__(self, path: Path, heads: list[str], restart: bool, average: bool = False):
-        self.heads, self.average = heads, average
-        self.header_written = restart and path.exists() and path.stat().st_size > 0
+    def __init__(self, path: Path, heads: list[str], restart: bool):
+        self.heads = heads
+        self.header_written = False
         self.stream = path.open("a" if restart else "w")
-        self.sums: dict[str, dict[str, float]] = {}
         self.last: dict[str, dict[str, float]] = {}
 
     def accumulate(self, head: str, metrics: dict[str, float]) -> None:

@@ -109,6 +109,9 @@ def test_restart_continues_bit_for_bit(tmp_path):
     whole_curve = (whole / "lcurve.out").read_text().splitlines()
     parts_curve = [line for line in (parts / "lcurve.out").read_text().splitlines() if not line.startswith("#")]
     assert [line for line in whole_curve if not line.startswith("#")] == parts_curve
+    # the restart appended to lcurve.out and, as deepmd-kit does, wrote the header again before its rows
+    headers = [line for line in (parts / "lcurve.out").read_text().splitlines() if line.startswith("# step")]
+    assert headers == [whole_curve[0]] * 2
     assert sorted(p.name for p in parts.glob("model.ckpt-*.npz"))[-1] == "model.ckpt-6.npz"
 
 
