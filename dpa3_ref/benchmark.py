@@ -18,6 +18,17 @@ its numpy backend, energy only. The output says which.
 A second row times training: one step of `training_step` (an energy + force loss, its gradient with
 respect to the weights, and an AdamW update) on the 192-atom frame with its DFT labels. The loss contains
 the forces, which are already a gradient, so its weight gradient differentiates the model twice.
+
+A third table runs the same model (seed 0) through onnxruntime. It is exported once per run to a temporary
+float32 ONNX file (the export is timed), and the JAX-free client `dpa3_onnx` evaluates it on the CPU with
+onnxruntime's default threads, one process per size. Reported: the client's input building (neighbour and
+reverse tables, vesin + numpy), the session run alone, the whole `evaluate`, the peak memory, and the ratio of
+`evaluate` to `Potential.evaluate` at the same size in the same run. Skipped, with the reason, when the export
+extra (jax2onnx, onnxruntime) is not installed.
+
+Last, the allocator: `dpa3` restarts itself with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (see cli.py), a library
+user's Python process does not have it. `Potential.evaluate` on the frame is timed in processes without and
+with it, alternating, with the minor page faults per call.
 """
 
 from __future__ import annotations
@@ -30,11 +41,13 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from dpa3_ref.cli import HUGE_PAGES_TUNABLE
 from dpa3_ref.data import read_system
 from dpa3_ref.errors import Dpa3Error
 from dpa3_ref.descriptor import LARGE_SYSTEM
@@ -48,6 +61,14 @@ TARGET_SCALING = 8.5  # time(1536) / time(192); linear scaling would be 8
 TARGET_PEAK_GIB_1536 = 2.0  # peak memory of the whole process at 1536 atoms
 TARGET_TRAIN_SECONDS = 1.0  # one training step at 192 atoms (the official PyTorch code: 8.1–8.5 s here)
 TARGET_TRAIN_PEAK_GIB = 3.0  # peak memory of the whole process while training at 192 atoms
+TARGET_ONNX_RATIO = 1.2  # onnxruntime's evaluate / Potential.evaluate, same size, same run
+TARGET_ONNX_PEAK_GIB_1536 = 4.0  # peak memory of the onnxruntime process at 1536 atoms
+ALLOCATOR_ROUNDS = 3  # processes per side in the comparison with and without huge pages
+ONNX_MODULES = ("jax2onnx", "onnx", "onnxruntime")  # the export extra
+# onnxruntime's CPU arena grows by doubling: at 1536 atoms it reached 17 GiB (and the OOM killer) where the graph
+# needs 10. Its worker is capped at this share of the memory available at the start and fails cleanly above it;
+# under the cap the arena grows only as far as it must.
+ONNX_MEMORY_SHARE = 0.8
 
 # deepmd-kit's loss prefactors at the start of training (start_pref_e, start_pref_f of the water recipe)
 ENERGY_WEIGHT, FORCE_WEIGHT = 0.02, 1000.0
@@ -61,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="warm calls per size; the median is reported")
     parser.add_argument("--no-official", action="store_true", help="do not time deepmd-kit")
     parser.add_argument("--no-training", action="store_true", help="do not time the training step")
+    parser.add_argument("--no-onnx", action="store_true", help="do not export the model and time onnxruntime")
+    parser.add_argument("--no-allocator", action="store_true",
+                        help="do not compare a plain Python process with the dpa3 command (glibc huge pages)")
     parser.add_argument(
         "--official-sizes", default="192",
         help="atom counts to time deepmd-kit at (default: 192; at 1536 it needs ~20 GiB and ~1 min per call)",
@@ -89,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
         for n in sizes
     ]
     _print_ours(results["ours"], results["matmul_peak"])
+    if not args.no_onnx:
+        results["onnx"] = _onnx_rows(args.system, sizes, args.repeats)
+        _print_onnx(results["onnx"], results["ours"])
     if not args.no_training:
         results["training"] = _in_subprocess("measure_training", timeout=1800, system=str(args.system),
                                              repeats=args.repeats)
@@ -100,11 +127,65 @@ def run(args: argparse.Namespace) -> int:
     ]
     if results["official"]:
         _print_official(results["official"], results["ours"])
-    results["targets"] = _check_targets(results["ours"], results.get("training"))
+    if not args.no_allocator:
+        results["allocator"] = compare_allocator(args.system, water.n_atoms, args.repeats)
+        _print_allocator(results["allocator"], water.n_atoms)
+    results["targets"] = _check_targets(results["ours"], results.get("training"), results.get("onnx"))
     _print_targets(results["targets"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _onnx_rows(system: Path, sizes: list[int], repeats: int) -> dict:
+    """Export the water example model to a temporary float32 file, then time onnxruntime on it at every size."""
+    missing = [name for name in ONNX_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        return {"skipped": f"{', '.join(missing)} not installed (pip install 'dpa3-ref[export]')"}
+    available = _available_gib()
+    cap = None if available is None else ONNX_MEMORY_SHARE * available
+    with tempfile.TemporaryDirectory(prefix="dpa3-bench-") as directory:
+        path = str(Path(directory) / "water_float32.onnx")
+        export = _in_subprocess("export_water_onnx", timeout=1800, path=path)
+        if "error" in export:
+            return {"export": export, "runs": [], "address_space_gib": cap}
+        runs = [_in_subprocess("measure_onnx", timeout=1800, system=str(system), n_atoms=n, repeats=repeats,
+                               path=path, address_space_gib=cap) for n in sizes]
+    return {"export": export, "runs": runs, "address_space_gib": cap}
+
+
+def _available_gib() -> float | None:
+    """The kernel's estimate of the memory available to a new process (Linux), else None."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    kib = [int(line.split()[1]) for line in lines if line.startswith("MemAvailable:")]
+    return kib[0] * 1024 / GIB if kib else None
+
+
+def compare_allocator(system: Path, n_atoms: int, repeats: int) -> dict:
+    """`Potential.evaluate` in processes as a library user starts them (no GLIBC_TUNABLES) and as the `dpa3`
+    command runs (glibc huge pages), alternating: per side, the median over processes of their warm medians."""
+    if not sys.platform.startswith("linux"):
+        return {"skipped": "glibc tunables are Linux only"}
+    library = {name: value for name, value in os.environ.items() if name != "GLIBC_TUNABLES"}
+    environments = {"library": library, "command": {**library, "GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}}
+    runs: dict[str, list[dict]] = {side: [] for side in environments}
+    for _ in range(ALLOCATOR_ROUNDS):
+        for side, environment in environments.items():
+            runs[side].append(_in_subprocess("measure_evaluate", timeout=1800, environment=environment,
+                                             system=str(system), n_atoms=n_atoms, repeats=repeats))
+    return {side: _median_of_processes(results) for side, results in runs.items()}
+
+
+def _median_of_processes(results: list[dict]) -> dict:
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        return {"error": errors[0]}
+    return {"median_s": statistics.median(r["median_s"] for r in results),
+            "process_medians_s": [r["median_s"] for r in results],
+            "faults_per_call": statistics.median(r["faults_per_call"] for r in results)}
 
 
 # ----------------------------------------------------------------------------------- structures
@@ -177,6 +258,68 @@ def measure_ours(system: str, n_atoms: int, repeats: int) -> dict:
     except Exception as error:  # the FLOP count is extra information: keep the timings without it
         return {**result, "cost_analysis_error": f"{type(error).__name__}: {error}"}
     return {**result, "flops": cost["flops"], "bytes_accessed": cost["bytes accessed"]}
+
+
+def measure_evaluate(system: str, n_atoms: int, repeats: int) -> dict:
+    """Warm `Potential.evaluate` alone, and the minor page faults per call (the allocator comparison)."""
+    from dpa3_ref.config import water_example_config
+    from dpa3_ref.potential import Potential
+
+    coord, atom_names, cell = water_structure(system, n_atoms)
+    potential = Potential.init(water_example_config(), seed=0)
+    potential.evaluate(coord, atom_names, cell)  # compile
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    times_s = [_timed(lambda: potential.evaluate(coord, atom_names, cell)) for _ in range(repeats)]
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
+    return {"n_atoms": n_atoms, "times_s": times_s, "median_s": statistics.median(times_s),
+            "faults_per_call": faults / repeats, "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
+
+
+def export_water_onnx(path: str) -> dict:
+    """The model of `measure_ours` (water example config, seed 0) written as a float32 ONNX file, timed."""
+    from dpa3_ref.config import water_example_config
+    from dpa3_ref.export_onnx import export_onnx
+    from dpa3_ref.potential import Potential
+
+    potential = Potential.init(water_example_config(), seed=0)
+    export_s = _timed(lambda: export_onnx(potential, path, precision="float32"))
+    return {"export_s": export_s, "size_mib": Path(path).stat().st_size / 2**20, "peak_rss_gib": _peak_rss_gib()}
+
+
+def measure_onnx(system: str, n_atoms: int, repeats: int, path: str, address_space_gib: float | None = None) -> dict:
+    """dpa3_onnx's `OnnxPotential` (onnxruntime CPU, default threads) on an exported file: the client's input
+    building, the session run alone and the whole `evaluate` (medians), the first call and the peak memory.
+    address_space_gib: cap the process's address space (see ONNX_MEMORY_SHARE)."""
+    from dpa3_onnx import OnnxPotential
+    from dpa3_onnx.contract import OUTPUTS
+
+    if address_space_gib is not None:
+        limit = int(address_space_gib * GIB)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    coord, atom_names, cell = water_structure(system, n_atoms)  # [n, 3], [n], [3, 3]
+    imports_rss_gib = _peak_rss_gib()  # Python, numpy, onnxruntime, and JAX through this module's imports
+    start = time.perf_counter()
+    potential = OnnxPotential(path, device="cpu")
+    load_s = time.perf_counter() - start
+    first_call_s = _timed(lambda: potential.evaluate(coord, atom_names, cell))
+    feeds = potential.feeds(coord, atom_names, cell)  # neighbors [n, M], reverse_neighbors [n, R], ...
+    inputs_s, session_s, evaluate_s = [], [], []
+    for _ in range(repeats):
+        inputs_s.append(_timed(lambda: potential.feeds(coord, atom_names, cell)))
+        session_s.append(_timed(lambda: potential.session.run(list(OUTPUTS), feeds)))
+        evaluate_s.append(_timed(lambda: potential.evaluate(coord, atom_names, cell)))
+    return {
+        "n_atoms": n_atoms,
+        "load_s": load_s,
+        "first_call_s": first_call_s,
+        "inputs_median_s": statistics.median(inputs_s),
+        "session_median_s": statistics.median(session_s),
+        "evaluate_times_s": evaluate_s,
+        "median_s": statistics.median(evaluate_s),
+        "peak_rss_gib": _peak_rss_gib(),
+        "imports_rss_gib": imports_rss_gib,
+    }
 
 
 def trainable(model):
@@ -342,10 +485,12 @@ def _peak_rss_gib() -> float:
 
 
 # ----------------------------------------------------------------------------------- processes
-def _in_subprocess(worker: str, timeout: float, **kwargs) -> dict:
-    """Run `worker(**kwargs)` of this module in a fresh Python; its dict, or {"error": why} if it failed."""
+def _in_subprocess(worker: str, timeout: float, environment: dict[str, str] | None = None, **kwargs) -> dict:
+    """Run `worker(**kwargs)` of this module in a fresh Python (environment: default this one's); its dict,
+    or {"error": why} if it failed."""
     command = [sys.executable, "-m", "dpa3_ref.benchmark", worker, json.dumps(kwargs)]
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    environment = dict(os.environ if environment is None else environment)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
     try:
         finished = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
     except subprocess.TimeoutExpired:
@@ -362,7 +507,9 @@ def _in_subprocess(worker: str, timeout: float, **kwargs) -> dict:
 
 def _worker_main(worker: str, kwargs_json: str) -> None:
     workers = {"measure_matmul_peak": measure_matmul_peak, "measure_ours": measure_ours,
-               "measure_training": measure_training, "measure_official": measure_official}
+               "measure_evaluate": measure_evaluate, "export_water_onnx": export_water_onnx,
+               "measure_onnx": measure_onnx, "measure_training": measure_training,
+               "measure_official": measure_official}
     result = workers[worker](**json.loads(kwargs_json))
     print(WORKER_RESULT_PREFIX + json.dumps(result), flush=True)
 
@@ -408,6 +555,66 @@ def _print_training(result: dict) -> None:
           f"({1 / result['median_s']:.2f} steps/s); peak RSS {result['peak_rss_gib']:.2f} GiB")
 
 
+def _print_onnx(onnx: dict, ours: list[dict]) -> None:
+    print("\nonnxruntime  dpa3_onnx.OnnxPotential.evaluate (CPU, default threads) on the same model, float32 file")
+    if "skipped" in onnx:
+        print(f"  not measured: {onnx['skipped']}")
+        return
+    export = onnx["export"]
+    if "error" in export:
+        print(f"  not measured: the export failed: {export['error']}")
+        return
+    print(f"  export (dpa3 export's export_onnx, jax2onnx): {export['export_s']:.1f} s, {export['size_mib']:.1f} MiB")
+    our_median = {r["n_atoms"]: r["median_s"] for r in ours if "error" not in r}
+    print(f"{'atoms':>6} {'load':>6} {'first call':>11} {'inputs':>8} {'session':>8} {'evaluate':>9} "
+          f"{'peak RSS':>9} {'ORT/JAX':>8}")
+    for result in onnx["runs"]:
+        if "error" in result:
+            print(f"{result['n_atoms']:>6}  not measured: {result['error']}")
+            continue
+        ratio = result["median_s"] / our_median[result["n_atoms"]] if result["n_atoms"] in our_median else None
+        print(f"{result['n_atoms']:>6} {result['load_s']:>5.1f}s {result['first_call_s']:>10.1f}s "
+              f"{result['inputs_median_s']:>7.3f}s {result['session_median_s']:>7.3f}s {result['median_s']:>8.3f}s "
+              f"{result['peak_rss_gib']:>5.2f} GiB {_number(ratio, '.2f'):>7}×")
+    print("  load = session creation; inputs = graph building, the client's neighbour and reverse tables (vesin +")
+    print("  numpy); session = onnxruntime's run alone; evaluate = both + checks (medians); ORT/JAX = evaluate /")
+    print("  Potential.evaluate above")
+    measured = [r for r in onnx["runs"] if "error" not in r]
+    if measured:
+        print(f"  peak RSS includes the {measured[0]['imports_rss_gib']:.2f} GiB of the process before the model was "
+              "loaded")
+        print("  (with JAX, which the benchmark imports and a dpa3_onnx client does not)")
+    if onnx["address_space_gib"] is not None:
+        print(f"  address space capped at {onnx['address_space_gib']:.1f} GiB ({ONNX_MEMORY_SHARE:.0%} of the memory "
+              "available): onnxruntime's arena otherwise grows by doubling")
+    inputs = {r["n_atoms"]: r["inputs_median_s"] for r in measured}
+    if len(inputs) > 1:
+        small, large = min(inputs), max(inputs)
+        print(f"  graph building grows {inputs[large] / inputs[small]:.1f}× from {small} to {large} atoms "
+              f"(linear: {large / small:.0f}×)")
+
+
+def _print_allocator(allocator: dict, n_atoms: int) -> None:
+    print(f"\nlibrary vs command  Potential.evaluate at {n_atoms} atoms, warm median of {ALLOCATOR_ROUNDS} processes "
+          "each, alternating")
+    if "skipped" in allocator:
+        print(f"  not measured: {allocator['skipped']}")
+        return
+    labels = {"library": "library, plain Python process (no GLIBC_TUNABLES)",
+              "command": f"dpa3 command (GLIBC_TUNABLES={HUGE_PAGES_TUNABLE})"}
+    for side, label in labels.items():
+        result = allocator[side]
+        if "error" in result:
+            print(f"  {label:<55} not measured: {result['error']}")
+            continue
+        spread = ", ".join(f"{t:.3f}" for t in result["process_medians_s"])
+        print(f"  {label:<55} {result['median_s']:.3f} s ({spread}); "
+              f"{result['faults_per_call'] / 1e3:.0f}k page faults per call")
+    library, command = allocator["library"], allocator["command"]
+    if "error" not in library and "error" not in command:
+        print(f"  the library process takes {library['median_s'] / command['median_s']:.2f}× the command's time")
+
+
 def _print_official(official: list[dict], ours: list[dict]) -> None:
     our_median = {r["n_atoms"]: r["median_s"] for r in ours if "error" not in r}
     for result in official:
@@ -432,7 +639,7 @@ def _print_official(official: list[dict], ours: list[dict]) -> None:
                      if "model_median_s" in result else ""))
 
 
-def _check_targets(ours: list[dict], training: dict | None = None) -> list[dict]:
+def _check_targets(ours: list[dict], training: dict | None = None, onnx: dict | None = None) -> list[dict]:
     measured = {r["n_atoms"]: r for r in ours if "error" not in r}
     targets = []
     if training and "error" not in training:
@@ -454,6 +661,22 @@ def _check_targets(ours: list[dict], training: dict | None = None) -> list[dict]
         value = measured[1536]["peak_rss_gib"]
         targets.append({"target": f"<= {TARGET_PEAK_GIB_1536} GiB peak at 1536 atoms", "value": f"{value:.2f} GiB",
                         "pass": value <= TARGET_PEAK_GIB_1536})
+    return targets + _onnx_targets(onnx["runs"] if onnx and "runs" in onnx else [], measured)
+
+
+def _onnx_targets(runs: list[dict], ours: dict[int, dict]) -> list[dict]:
+    """onnxruntime's evaluate within TARGET_ONNX_RATIO of ours at 192 and 1536 atoms; its memory at 1536."""
+    measured = {r["n_atoms"]: r for r in runs if "error" not in r}
+    targets = []
+    for n_atoms in (192, 1536):
+        if n_atoms in measured and n_atoms in ours:
+            value = measured[n_atoms]["median_s"] / ours[n_atoms]["median_s"]
+            targets.append({"target": f"<= {TARGET_ONNX_RATIO}x JAX with onnxruntime at {n_atoms} atoms",
+                            "value": f"{value:.2f}x", "pass": value <= TARGET_ONNX_RATIO})
+    if 1536 in measured:
+        value = measured[1536]["peak_rss_gib"]
+        targets.append({"target": f"<= {TARGET_ONNX_PEAK_GIB_1536} GiB peak with onnxruntime at 1536 atoms",
+                        "value": f"{value:.2f} GiB", "pass": value <= TARGET_ONNX_PEAK_GIB_1536})
     return targets
 
 

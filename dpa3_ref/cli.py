@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "check-invariance": ("dpa3_ref.invariance", "property-test any potential for symmetry and smoothness"),
     "bench": ("dpa3_ref.benchmark", "time energy+forces of the water example model"),
 }
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"  # GLIBC_TUNABLES value the command restarts itself with
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +63,7 @@ def _restart_with_huge_pages() -> None:
     yourself (even to an empty string) to opt out.
     """
     if sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ:
-        os.environ["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
+        os.environ["GLIBC_TUNABLES"] = HUGE_PAGES_TUNABLE
         os.execv(sys.executable, [sys.executable, "-m", "dpa3_ref.cli", *sys.argv[1:]])
 
 

@@ -156,7 +156,8 @@ def build_graph(
     neighbor_mask = np.zeros((n_atoms, width), bool)
     angle_mask = np.zeros((n_atoms, angle_width), bool)
     neighbors[center, slot] = neighbor
-    neighbor_shift[center, slot] = image @ cell if cell is not None else 0.0
+    # einsum, not `image @ cell`: numpy hands [pairs, 3] @ [3, 3] to a threaded BLAS, slow on a busy machine
+    neighbor_shift[center, slot] = np.einsum("pk,kl->pl", image, cell) if cell is not None else 0.0
     neighbor_mask[center, slot] = True
     angle_mask[center[in_angle], slot[in_angle]] = True
     graph = Graph(

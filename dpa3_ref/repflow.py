@@ -182,7 +182,9 @@ class RepFlowLayer(eqx.Module):
         if cfg.a_compress_rate == 0:
             return node, edge
         if cfg.a_compress_use_split:
-            return node[:, : cfg.angle_node_dim], edge[..., : cfg.angle_edge_dim]
+            # split, not [..., :d]: with symbolic sizes (ONNX export) that slice is a gather whose transpose is a
+            # scatter-add, and the transpose of a lax slice, a pad, does not export
+            return jnp.split(node, [cfg.angle_node_dim], axis=-1)[0], jnp.split(edge, [cfg.angle_edge_dim], axis=-1)[0]
         return self.angle_compress_node(node), self.angle_compress_edge(edge)
 
     def angle_linear(self, layer: Layer, angle, node_for_angle, edge_block) -> jax.Array:

@@ -101,12 +101,14 @@ def reverse_neighbor_table(neighbors: np.ndarray, mask: np.ndarray) -> np.ndarra
 def _pairs_within(positions, cell, cutoff):
     """(i, j, Cartesian image shift, distance) of every pair with distance ≤ cutoff (vesin's cell list)."""
     periodic = cell is not None
+    box = cell if periodic else np.zeros((3, 3))  # vesin's convention for no cell; every shift is then 0
     # vesin keeps d < cutoff, the contract d ≤ e_rcut: search a hair wider, then cut exactly.
     search = vesin.NeighborList(cutoff=cutoff * (1 + 1e-12), full_list=True)
-    i, j, shifts, distance = search.compute(positions, cell if periodic else np.zeros((3, 3)), periodic,
-                                            quantities="ijSd")
+    i, j, shifts, distance = search.compute(positions, box, periodic, quantities="ijSd")
     keep = distance <= cutoff
-    shift = shifts[keep].astype(np.float64) @ cell if periodic else np.zeros((int(keep.sum()), 3))
+    # S @ cell by einsum: matmul hands [pairs, 3] @ [3, 3] to a threaded BLAS, which on a busy 2-core machine
+    # took 60 ms at 1536 atoms (5 ms this way) and made building the inputs grow faster than the atom count
+    shift = np.einsum("pk,kl->pl", shifts[keep].astype(np.float64), box)  # [pairs, 3]
     return i[keep].astype(np.int64), j[keep].astype(np.int64), shift, distance[keep]
 
 

@@ -77,11 +77,15 @@ class OnnxPotential:
         coord [n, 3] Å; types: element names or type indices; cell [3, 3] (rows = lattice vectors) or None for
         open boundaries; n_local: only the first n_local atoms are local (the rest a host's ghost atoms, whose
         energy does not count and whose forces the host folds back onto their owners)."""
-        feeds = {name: value.astype(self.dtypes[name]) for name, value in
-                 model_inputs(coord, types, cell, self.info, n_local).items()}
-        out = {name: value.astype(np.float64) for name, value in self.run(feeds).items()}
+        raw = self.run(self.feeds(coord, types, cell, n_local=n_local))
+        out = {name: value.astype(np.float64) for name, value in raw.items()}
         return {"energy": out["energy"][0], "atom_energy": out["atom_energy"], "forces": out["forces"],
                 "virial": out["virial"][0]}
+
+    def feeds(self, coord, types, cell=None, *, n_local: int | None = None) -> dict[str, np.ndarray]:
+        """The contract-v1 inputs of one structure (neighbour and reverse tables) in this file's dtypes."""
+        return {name: value.astype(self.dtypes[name]) for name, value in
+                model_inputs(coord, types, cell, self.info, n_local).items()}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The raw outputs for contract-v1 feeds, checked first (a host that builds its own tables calls this)."""
