@@ -313,7 +313,8 @@ class Trainer:
         lcurve = LearningCurve(disp_file, list(self.heads), restart=state.step > 0)
         handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         compiled: set = set()
-        bar = tqdm(total=config.numb_steps, initial=state.step, disable=not (progress and self.writes_files),
+        # disable=None: no bar when the output is not a terminal (a log file would get one line per update)
+        bar = tqdm(total=config.numb_steps, initial=state.step, disable=None if progress and self.writes_files else True,
                    unit="step", dynamic_ncols=True, desc="train")
         try:
             for step in range(state.step, config.numb_steps):
