@@ -320,6 +320,8 @@ class Trainer:
             for step in range(state.step, config.numb_steps):
                 started = time.perf_counter()
                 head, learning_rate, metrics = self.run_step(step)
+                if not math.isfinite(metrics["rmse"]):
+                    raise self.diverged(step + 1, head, metrics["rmse"])
                 key = (head, self.widths.last_shape)
                 if key in compiled:
                     self.step_times.append(time.perf_counter() - started)
@@ -350,6 +352,15 @@ class Trainer:
             lcurve.close()
             for s, handler in handlers.items():
                 signal.signal(s, handler)
+
+    def diverged(self, step: int, head: str, loss: float) -> Dpa3Error:
+        """The error for a loss that is no longer finite: the step's update made the weights NaN or inf, so
+        training stops instead of going on silently (nothing of this step is saved)."""
+        saved = sorted(self.workdir.glob(f"{self.config.save_ckpt}-*.npz"), key=lambda p: p.stat().st_mtime)
+        where = f"the last checkpoint is {saved[-1]}" if saved else "no checkpoint was written yet"
+        return Dpa3Error(f"training diverged at step {step}: the loss of head {head!r} is {loss} ({where}); "
+                         "lower training's learning rate, check the data, or check the model settings "
+                         "(e.g. a switch whose smooth radius is far below its cutoff overflows in float32)")
 
     def request_stop(self, signum, frame) -> None:
         del frame

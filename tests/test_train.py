@@ -341,3 +341,17 @@ def test_two_processes_give_the_same_training_as_one(tmp_path):
     written = {path.name for path in workdirs[0].iterdir()}
     assert written == {"lcurve.out", "model.ckpt-3.npz", "checkpoint", "model_best.npz", "lcurve.png", "parity.png"}
     assert not list(workdirs[1].iterdir())
+
+
+def test_a_loss_that_is_no_longer_finite_stops_training_with_a_sentence(tmp_path):
+    # The exponential switch with a smooth radius far below the cutoff overflows in float32 (exp(20/0.1 * 3)):
+    # the energy is finite but its gradient, the forces, are NaN from the first step on.
+    data = single_input(tmp_path, numb_steps=4)
+    repflow = {**TINY_MODEL["descriptor"]["repflow"], "use_exp_switch": True, "e_rcut_smth": 0.1}
+    data["model"] = {**TINY_MODEL, "descriptor": {**TINY_MODEL["descriptor"], "precision": "float32",
+                                                  "repflow": repflow},
+                     "fitting_net": {**TINY_MODEL["fitting_net"], "precision": "float32"}}
+    with pytest.raises(Dpa3Error, match=r"training diverged at step 1: the loss of head 'Default' is nan "
+                                        r"\(no checkpoint was written yet\)"):
+        train(parse_input(data, tmp_path), tmp_path, progress=False, plots=False)
+    assert not list(tmp_path.glob("model*.npz"))  # nothing of the diverged run is saved as a model
