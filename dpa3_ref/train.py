@@ -174,6 +174,7 @@ class Trainer:
         self.writes_files = jax.process_index() == 0  # several processes: all compute, process 0 writes
         self.widths = Widths(multiple=self.mesh.size if self.mesh is not None else 1)
         self.stop_signal: int | None = None
+        self.last_checkpoint: Path | None = None  # written (or restarted from) by this run
         self.step_times: list[float] = []
         self.state: TrainState | None = None
 
@@ -204,7 +205,8 @@ class Trainer:
         """The state of a checkpoint written by this input (`--restart`)."""
         shapes = eqx.filter_eval_shape(init_multitask, heads_of(self.config), key=jax.random.key(0))
         self.start_from(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))  # the names and shapes to read
-        self.state = self.replicated(read_checkpoint(latest_checkpoint(Path(checkpoint)), skeleton=self.state))
+        self.last_checkpoint = latest_checkpoint(Path(checkpoint))
+        self.state = self.replicated(read_checkpoint(self.last_checkpoint, skeleton=self.state))
 
     def replicated(self, state: TrainState) -> TrainState:
         """The model, optimizer state and EMA whole on every device of the mesh, with process 0's numbers.
@@ -356,8 +358,8 @@ class Trainer:
     def diverged(self, step: int, head: str, loss: float) -> Dpa3Error:
         """The error for a loss that is no longer finite: the step's update made the weights NaN or inf, so
         training stops instead of going on silently (nothing of this step is saved)."""
-        saved = sorted(self.workdir.glob(f"{self.config.save_ckpt}-*.npz"), key=lambda p: p.stat().st_mtime)
-        where = f"the last checkpoint is {saved[-1]}" if saved else "no checkpoint was written yet"
+        where = (f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                 else "no checkpoint was written yet")
         return Dpa3Error(f"training diverged at step {step}: the loss of head {head!r} is {loss} ({where}); "
                          "lower training's learning rate, check the data, or check the model settings "
                          "(e.g. a switch whose smooth radius is far below its cutoff overflows in float32)")
@@ -401,6 +403,7 @@ class Trainer:
             write_checkpoint(state, self.config, path)
             (self.workdir / "checkpoint").write_text(path.name + "\n")
             prune_checkpoints(self.workdir, self.config.save_ckpt, self.config.max_ckpt_keep)
+        self.last_checkpoint = path
         return path
 
 
