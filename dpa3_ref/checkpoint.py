@@ -36,6 +36,7 @@ from dpa3_ref.multitask import Head, MultiTaskModel, init_multitask
 
 FORMAT = "dpa3-ref/1"
 MULTITASK_FORMAT = "dpa3-ref-multitask/1"
+TRAINING_CHECKPOINT_FORMAT = "dpa3-ref-train/1"  # train.py's checkpoints: the model under "model/", and more
 
 
 def leaves_by_name(tree) -> dict[str, jax.Array]:
@@ -71,14 +72,23 @@ def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def load_model(path: str | Path) -> DPA3Model | MultiTaskModel:
-    """A single model (DPA3Model) or a multitask model (MultiTaskModel) from our file."""
+    """A single model (DPA3Model) or a multitask model (MultiTaskModel) from our model file, or the model of
+    a training checkpoint (model.ckpt-N.npz), as deepmd-kit's commands accept its checkpoints."""
     path = Path(path)
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise Dpa3Error(f"{path}: not a dpa3-ref model file ({error})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):  # a single .npy array
+        raise Dpa3Error(f"{path}: not a dpa3-ref model file or training checkpoint (one array, not an .npz archive)")
     with data:
         kind = str(data["__format__"]) if "__format__" in data else None
+        meta = json.loads(str(data["__meta__"])) if "__meta__" in data else {}
+        if meta.get("format") == TRAINING_CHECKPOINT_FORMAT:  # a training checkpoint: its model, as dp test -m ckpt
+            heads = tuple(Head.from_dict(head) for head in meta["heads"])
+            skeleton = eqx.filter_eval_shape(init_multitask, heads, key=jax.random.key(0))
+            model = fill_like(skeleton, data, path, prefix="model/")
+            return model.head(heads[0].name) if len(heads) == 1 else model  # as train.py's final model
         if kind == FORMAT:
             config = DPA3Config.from_json(str(data["__config__"]))
             skeleton = eqx.filter_eval_shape(init_model, config, key=jax.random.key(0))  # shapes only
@@ -86,7 +96,8 @@ def load_model(path: str | Path) -> DPA3Model | MultiTaskModel:
             heads = tuple(Head.from_dict(head) for head in json.loads(str(data["__heads__"])))
             skeleton = eqx.filter_eval_shape(init_multitask, heads, key=jax.random.key(0))
         else:
-            raise Dpa3Error(f"{path}: not a dpa3-ref model file (no '{FORMAT}' or '{MULTITASK_FORMAT}' marker)")
+            raise Dpa3Error(f"{path}: not a dpa3-ref model file or training checkpoint (no '{FORMAT}', "
+                            f"'{MULTITASK_FORMAT}' or '{TRAINING_CHECKPOINT_FORMAT}' marker)")
         return fill_like(skeleton, data, path)
 
 

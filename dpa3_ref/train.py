@@ -48,7 +48,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dpa3_ref.batches import Labels, Sampler, batches_per_epoch, make_batch, system_probabilities
-from dpa3_ref.checkpoint import fill_like, leaves_by_name, load_model, save_model, write_npz
+from dpa3_ref.checkpoint import TRAINING_CHECKPOINT_FORMAT, fill_like, leaves_by_name, load_model, save_model, write_npz
 from dpa3_ref.data import System, read_systems
 from dpa3_ref.errors import Dpa3Error
 from dpa3_ref.inputs import HeadConfig, LossConfig, TrainInput, read_input
@@ -58,7 +58,7 @@ from dpa3_ref.multitask import Head, MultiTaskModel, init_multitask, single_task
 from dpa3_ref.optimizer import make_optimizer, reaches_loss, trainable_filter
 from dpa3_ref.schedule import ExpSchedule, exp_schedule, prefactor
 
-CHECKPOINT_FORMAT = "dpa3-ref-train/1"
+CHECKPOINT_FORMAT = TRAINING_CHECKPOINT_FORMAT
 TERMS = ("e", "f", "v", "ae")
 
 

@@ -355,3 +355,15 @@ def test_a_loss_that_is_no_longer_finite_stops_training_with_a_sentence(tmp_path
                                         r"\(no checkpoint was written yet\)"):
         train(parse_input(data, tmp_path), tmp_path, progress=False, plots=False)
     assert not list(tmp_path.glob("model*.npz"))  # nothing of the diverged run is saved as a model
+
+
+def test_a_training_checkpoint_is_a_model_file_for_every_command(tmp_path):
+    # as deepmd-kit's `dp test -m model.ckpt.pt`: the last checkpoint holds the final model
+    config = parse_input(single_input(tmp_path, numb_steps=3), tmp_path)
+    train(config, tmp_path, progress=False, plots=False)
+    final, checkpoint = arrays(tmp_path / "model.npz"), arrays(tmp_path / "model.ckpt-3.npz")
+    assert final.keys() == checkpoint.keys()
+    for name in final:
+        np.testing.assert_array_equal(final[name], checkpoint[name], err_msg=name)
+    with pytest.raises(Dpa3Error, match="not a dpa3-ref model file or training checkpoint"):
+        dpa3_ref.checkpoint.load_model(tmp_path / "train" / "set.000" / "coord.npy")
