@@ -430,6 +430,13 @@ def print_timing_table(rows: list[tuple[str, str, dict, dict[str, dict], float]]
               f"{result['load_before']:5.2f}->{result['load_after']:5.2f} {result['wall_s']:6.0f}")
 
 
+def timing_run(name: str, trainer: str, rundir: Path, probabilities: dict[str, float]) -> tuple:
+    """One timed training run in RUNDIR: (input name, trainer, result, step statistics, expected s/step)."""
+    result = run_official(rundir) if trainer == "official" else run_ours(rundir, ["--no-progress", "--no-plots"])
+    stats = step_statistics(rundir)
+    return name, trainer, result, stats, expected_step(stats, probabilities)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["official"]:
@@ -475,26 +482,20 @@ def main(argv: list[str] | None = None) -> int:
             if trainer == "ours" and "train" not in args.skip:
                 continue
             print(f"\n[multitask] {trainer}, {args.timing_steps} steps")
-            rundir = new_run(workdir / "multitask" / f"{trainer}_timing", config)
-            result = run_official(rundir) if trainer == "official" else run_ours(rundir, ["--no-progress",
-                                                                                           "--no-plots"])
-            if result["status"]:
-                failures.append(f"{trainer} multitask timing run")
-            stats = step_statistics(rundir)
-            timing_rows.append(("multitask", trainer, result, stats, expected_step(stats, model_probabilities(config))))
+            row = timing_run("multitask", trainer, new_run(workdir / "multitask" / f"{trainer}_timing", config),
+                             model_probabilities(config))
+            timing_rows.append(row)
+            failures += [f"{trainer} multitask timing run"] if row[2]["status"] else []
 
     if "water" not in args.skip:
         config = water_input(args.timing_steps, disp_freq=5)
         for repeat in range(args.repeats):
             for trainer in ("official", "ours"):
                 print(f"\n[water] {trainer}, {args.timing_steps} steps (repeat {repeat + 1}/{args.repeats})")
-                rundir = new_run(workdir / "water" / f"{trainer}_{repeat}", config)
-                result = run_official(rundir) if trainer == "official" else run_ours(rundir, ["--no-progress",
-                                                                                               "--no-plots"])
-                if result["status"]:
-                    failures.append(f"{trainer} water run {repeat}")
-                stats = step_statistics(rundir)
-                timing_rows.append(("water", trainer, result, stats, expected_step(stats, {"Default": 1.0})))
+                row = timing_run("water", trainer, new_run(workdir / "water" / f"{trainer}_{repeat}", config),
+                                 {"Default": 1.0})
+                timing_rows.append(row)
+                failures += [f"{trainer} water run {repeat}"] if row[2]["status"] else []
 
     print_timing_table(timing_rows)
     for name in ("multitask", "water"):
