@@ -48,7 +48,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dpa3_ref.batches import Labels, Sampler, batches_per_epoch, make_batch, system_probabilities
-from dpa3_ref.checkpoint import TRAINING_CHECKPOINT_FORMAT, fill_like, leaves_by_name, load_model, save_model, write_npz
+from dpa3_ref.checkpoint import TRAINING_CHECKPOINT_FORMAT as CHECKPOINT_FORMAT
+from dpa3_ref.checkpoint import fill_like, leaves_by_name, load_model, save_model, write_npz
 from dpa3_ref.data import System, read_systems
 from dpa3_ref.errors import Dpa3Error
 from dpa3_ref.inputs import HeadConfig, LossConfig, TrainInput, read_input
@@ -58,7 +59,6 @@ from dpa3_ref.multitask import Head, MultiTaskModel, init_multitask, single_task
 from dpa3_ref.optimizer import make_optimizer, reaches_loss, trainable_filter
 from dpa3_ref.schedule import ExpSchedule, exp_schedule, prefactor
 
-CHECKPOINT_FORMAT = TRAINING_CHECKPOINT_FORMAT
 TERMS = ("e", "f", "v", "ae")
 
 
@@ -316,8 +316,9 @@ class Trainer:
         handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         compiled: set = set()
         # disable=None: no bar when the output is not a terminal (a log file would get one line per update)
-        bar = tqdm(total=config.numb_steps, initial=state.step, disable=None if progress and self.writes_files else True,
-                   unit="step", dynamic_ncols=True, desc="train")
+        show_bar = progress and self.writes_files
+        bar = tqdm(total=config.numb_steps, initial=state.step, disable=None if show_bar else True, unit="step",
+                   dynamic_ncols=True, desc="train")
         try:
             for step in range(state.step, config.numb_steps):
                 started = time.perf_counter()
