@@ -64,7 +64,6 @@ TARGET_TRAIN_PEAK_GIB = 3.0  # peak memory of the whole process while training a
 TARGET_ONNX_RATIO = 1.2  # onnxruntime's evaluate / Potential.evaluate, same size, same run
 TARGET_ONNX_PEAK_GIB_1536 = 4.0  # peak memory of the onnxruntime process at 1536 atoms
 ALLOCATOR_ROUNDS = 3  # processes per side in the comparison with and without huge pages
-ONNX_MODULES = ("jax2onnx", "onnx", "onnxruntime")  # the export extra
 # onnxruntime's CPU arena grows by doubling: at 1536 atoms it reached 17 GiB (and the OOM killer) where the graph
 # needs 10. Its worker is capped at this share of the memory available at the start and fails cleanly above it;
 # under the cap the arena grows only as far as it must.
@@ -139,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _onnx_rows(system: Path, sizes: list[int], repeats: int) -> dict:
     """Export the water example model to a temporary float32 file, then time onnxruntime on it at every size."""
-    missing = [name for name in ONNX_MODULES if importlib.util.find_spec(name) is None]
+    from dpa3_ref.export_onnx import missing_export_packages
+
+    missing = missing_export_packages()
     if missing:
         return {"skipped": f"{', '.join(missing)} not installed (pip install 'dpa3-ref[export]')"}
     available = _available_gib()

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import os
 import time
@@ -485,11 +484,6 @@ class Steps:
         return time.perf_counter() - self.started
 
 
-def missing_export_packages() -> list[str]:
-    """The packages of the export extra that are not installed (the ONNX step needs them)."""
-    return [name for name in ("jax2onnx", "onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
-
-
 def compile_fast() -> None:
     """Ask XLA for its cheapest LLVM optimisation level, unless the user set XLA_FLAGS.
 
@@ -507,6 +501,8 @@ def run(args: argparse.Namespace) -> int:
     workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
+    from dpa3_ref.export_onnx import missing_export_packages
+
     missing = missing_export_packages() if size.onnx else []
     onnx_step = size.onnx and not missing
     steps = Steps(total=5 + int(size.single_task) + int(onnx_step))

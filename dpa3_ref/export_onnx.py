@@ -20,6 +20,7 @@ are int64 (jax2onnx mixes int32 index arithmetic with int64 constants otherwise,
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -45,6 +46,11 @@ INPUTS = {  # name -> (symbolic shape, dtype); float64 means the file's float ty
 }
 OUTPUTS = ("energy", "atom_energy", "forces", "virial")
 SCATTER_OPS = ("ScatterND", "ScatterElements", "Scatter")  # must not appear: see gather.py
+
+
+def missing_export_packages() -> list[str]:
+    """The packages of the export extra (pip install 'dpa3-ref[export]') that are not installed."""
+    return [name for name in ("jax2onnx", "onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
 
 
 def _need_onnx():
